@@ -1,0 +1,117 @@
+"""Forward + backward time of the RIM core against nn.LSTM and a per-RIM-loop reference.
+
+Shapes from the paper's Atari setting scaled as in the issue: T=128, B=16, d_in=512, K=6,
+d_h=64 (384 total). Every variant runs in the same process, interleaved round by round, so machine
+noise hits them alike; we print medians and ratios to nn.LSTM(512, 384) and to the reference.
+
+The loss is a fixed random projection of the output (not ``out.sum()``, whose gradient through a
+softmax is exactly zero and fills the backward pass with denormals).
+
+    python benchmarks/core_speed.py [--rounds 15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch as th
+from torch import nn
+
+from rim_agents import RIMCore
+
+
+class LoopRIMReference(nn.Module):
+    """The straightforward implementation: a Python loop over RIMs, one ``nn.LSTMCell`` each.
+
+    Same computation as :class:`RIMCore` (null-token input attention, top-k, communication,
+    masked write), written the way public implementations write it.
+    """
+
+    def __init__(self, input_size: int, num_units: int = 6, k_active: int = 4, unit_size: int = 64) -> None:
+        super().__init__()
+        self.K, self.k, self.d_h = num_units, k_active, unit_size
+        d_k, d_v, self.Hc, self.dc = 64, 4 * unit_size, 4, 32
+        self.key = nn.Linear(input_size, d_k, bias=False)
+        self.value = nn.Linear(input_size, d_v, bias=False)
+        self.query = nn.ModuleList(nn.Linear(unit_size, d_k, bias=False) for _ in range(num_units))
+        self.cells = nn.ModuleList(nn.LSTMCell(d_v, unit_size) for _ in range(num_units))
+        self.comm_qkv = nn.ModuleList(nn.Linear(unit_size, 3 * self.Hc * self.dc, bias=False) for _ in range(num_units))
+        self.comm_out = nn.ModuleList(nn.Linear(self.Hc * self.dc, unit_size) for _ in range(num_units))
+        self.comm_gate = nn.ModuleList(nn.Linear(unit_size, unit_size) for _ in range(num_units))
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        T, B, _ = x.shape
+        h = [x.new_zeros(B, self.d_h) for _ in range(self.K)]
+        c = [x.new_zeros(B, self.d_h) for _ in range(self.K)]
+        outs = []
+        for t in range(T):
+            key, value = self.key(x[t]), self.value(x[t])
+            p = [th.sigmoid((self.query[i](h[i]) * key).sum(-1, keepdim=True) / 8.0) for i in range(self.K)]
+            p_all = th.cat(p, dim=1)
+            mask = th.zeros_like(p_all).scatter_(1, p_all.topk(self.k, dim=1).indices, 1.0)
+            new = [self.cells[i](p[i] * value, (h[i], c[i])) for i in range(self.K)]
+            tent = [mask[:, i : i + 1] * new[i][0] + (1 - mask[:, i : i + 1]) * h[i] for i in range(self.K)]
+            qkv = [self.comm_qkv[i](tent[i]).view(B, 3, self.Hc, self.dc) for i in range(self.K)]
+            q = th.stack([z[:, 0] for z in qkv], 2)
+            k = th.stack([z[:, 1] for z in qkv], 2)
+            v = th.stack([z[:, 2] for z in qkv], 2)
+            att = th.softmax(q @ k.transpose(-1, -2) / self.dc**0.5, -1) @ v  # (B, Hc, K, dc)
+            for i in range(self.K):
+                o = self.comm_out[i](att[:, :, i].reshape(B, -1))
+                m = mask[:, i : i + 1]
+                h_hat = tent[i] + th.sigmoid(self.comm_gate[i](o)) * th.tanh(o)
+                h[i] = m * h_hat + (1 - m) * h[i]
+                c[i] = m * new[i][1] + (1 - m) * c[i]
+            outs.append(th.cat(h, dim=1))
+        return th.stack(outs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        th.set_num_threads(args.threads)
+    th.manual_seed(0)
+    T, B, d_in, K, d_h = 128, 16, 512, 6, 64
+    x = th.randn(T, B, d_in)
+    proj = th.randn(T, B, K * d_h)
+
+    rim_lstm = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm")
+    rim_gru = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru")
+    lstm = nn.LSTM(d_in, K * d_h)
+    reference = LoopRIMReference(d_in, K, 4, d_h)
+
+    variants: dict[str, Callable[[], th.Tensor]] = {
+        "nn.LSTM(512, 384)": lambda: lstm(x)[0],
+        "RIMCore lstm": lambda: rim_lstm(x)[0],
+        "RIMCore gru": lambda: rim_gru(x)[0],
+        "per-RIM loop reference": lambda: reference(x),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            (fn() * proj).sum().backward()
+            elapsed = time.perf_counter() - start
+            if r >= args.warmup:
+                times[name].append(elapsed)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    base, ref = med["nn.LSTM(512, 384)"], med["per-RIM loop reference"]
+    print(
+        f"forward + backward, T={T} B={B} d_in={d_in} K={K} d_h={d_h}, {th.get_num_threads()} threads, "
+        f"{args.rounds} rounds"
+    )
+    print(f"{'variant':<26}{'median s':>10}{'vs nn.LSTM':>12}{'ref / this':>12}")
+    for name, m in med.items():
+        print(f"{name:<26}{m:>10.4f}{m / base:>11.2f}x{ref / m:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

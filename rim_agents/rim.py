@@ -1,0 +1,538 @@
+"""Recurrent Independent Mechanisms (Goyal et al., ICLR 2021): a step module and a sequence module.
+
+The computation follows ``shared/docs/RIM_SPEC.md`` step by step:
+
+1. **Input attention with a null token.** A zero token is prepended to the input tokens. Keys and
+   values are bias-free linear maps, so the null token's key and value are exactly zero. Every RIM
+   has its own query weights and reads ``A_i = sum_j p_ij value_j`` (heads concatenated).
+2. **Top-k activation.** Per batch element the ``k`` RIMs with the *least* attention on the null
+   token (averaged over heads) are active. The choice is a hard mask without gradient.
+3. **Independent dynamics.** Every RIM has its own LSTM or GRU cell. All ``K`` cells run together
+   as batched matrix products over the RIM axis (weights of shape ``(K, in, out)``).
+4. **Communication.** Active RIMs read from all RIMs (dormant ones with their previous state) by
+   multi-head attention with per-RIM query/key/value maps and a gated residual.
+5. **Masked write.** Dormant RIMs keep ``h`` and ``c`` bit for bit (``torch.where``).
+6. **Output.** The concatenation of all ``K`` states.
+
+Internally the state is laid out RIM-first, ``(K, B, d_h)``, so every per-RIM map is one
+``torch.bmm``. With a single input vector per step (the common case) every input-dependent
+product is computed for the whole sequence before the time loop: the null token's key and value
+are zero, so a RIM's read is its attention weight times the projected input, and the score
+``q_i . k`` is ``h_i . (W_q,i k)``. Only state-dependent work stays inside the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch as th
+import torch.nn.functional as F
+from torch import nn
+
+CellType = Literal["lstm", "gru"]
+State = tuple[th.Tensor, th.Tensor]
+
+__all__ = ["RIMCell", "RIMCore", "StepInput"]
+
+
+def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
+    """PyTorch's default ``nn.Linear``/``nn.LSTM`` initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with th.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+@dataclass
+class StepInput:
+    """Input-dependent terms of one or more steps, prepared outside the recurrent loop.
+
+    Leading dims ``L`` are the time steps (or none, for one step). ``G*d_h`` is the width of all
+    gates of a cell. Single-vector input with input attention (``tokens is False``):
+
+    * ``score_proj``: ``W_q,i k_h / sqrt(d_k)``, so that RIM ``i``'s score for head ``h`` is
+      ``h_i . score_proj[i, :, :, h]``: ``(*L, K, B, d_h)`` for one head, else ``(*L, K, B, d_h, H)``.
+    * ``gate_proj``: head ``h``'s value mapped by RIM ``i``'s cell input weights, so that the cell's
+      input is ``sum_h p_ih gate_proj[i, :, h]``: ``(*L, K, B, G*d_h)`` for one head, else
+      ``(*L, K, B, H, G*d_h)``. Without input attention it is the input (the mean of the tokens)
+      mapped by every RIM's cell input weights, bias included: ``(*L, K, B, G*d_h)``.
+
+    Token input: ``keys`` ``(*L, B, N, H, d_k)`` and ``values`` ``(*L, B, N, H, d_v)``.
+
+    ``bias`` ``(K, B, G*d_h)`` is the cell's input bias, broadcast once per call (not per step).
+    """
+
+    tokens: bool
+    score_proj: th.Tensor | None = None
+    gate_proj: th.Tensor | None = None
+    keys: th.Tensor | None = None
+    values: th.Tensor | None = None
+    bias: th.Tensor | None = None
+
+    def unbind(self) -> list[StepInput]:
+        """Split a sequence's terms into per-step terms.
+
+        ``unbind`` (not indexing) keeps the backward pass linear in ``T``: the gradient of an
+        indexed slice would allocate and fill a buffer of the whole sequence at every step.
+        """
+        fields = [self.score_proj, self.gate_proj, self.keys, self.values]
+        T = next(f for f in fields if f is not None).shape[0]
+        split = [list(f.unbind(0)) if f is not None else [None] * T for f in fields]
+        return [
+            StepInput(self.tokens, score_proj=sp, gate_proj=gp, keys=k, values=v, bias=self.bias)
+            for sp, gp, k, v in zip(*split, strict=True)
+        ]
+
+
+class RIMCell(nn.Module):
+    """One step of Recurrent Independent Mechanisms.
+
+    :param input_size: width ``d_in`` of the input vector or of each input token.
+    :param num_units: number of RIMs ``K``.
+    :param k_active: number of RIMs ``k`` updated per step, ``1 <= k <= K``. Ignored (all RIMs
+        active) when ``input_attention=False``.
+    :param unit_size: hidden width ``d_h`` of each RIM.
+    :param cell: ``"lstm"`` or ``"gru"``.
+    :param input_heads: heads of the input attention.
+    :param input_key_size: key/query width ``d_k`` per input-attention head.
+    :param input_value_size: total value width of the input attention (all heads); default
+        ``4 * unit_size`` as in the paper. Must be divisible by ``input_heads``.
+    :param comm_heads: heads of the communication attention.
+    :param comm_key_size: key/query width per communication head.
+    :param comm_value_size: value width per communication head; default ``comm_key_size``.
+    :param input_attention: if False (ablation), every RIM reads the input directly (the mean of the
+        tokens for token input) and every RIM is active.
+    :param communication: if False (ablation), RIMs do not read from each other.
+    :param comm_gate: if True, ``h^ = h~ + sigmoid(W_g out + b_g) * tanh(out)``; else a plain residual
+        ``h^ = h~ + tanh(out)``.
+    :param input_dropout: dropout on the input-attention probabilities.
+    :param comm_dropout: dropout on the communication-attention probabilities.
+    :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_units: int = 6,
+        k_active: int = 4,
+        unit_size: int = 64,
+        cell: CellType = "lstm",
+        input_heads: int = 1,
+        input_key_size: int = 64,
+        input_value_size: int | None = None,
+        comm_heads: int = 4,
+        comm_key_size: int = 32,
+        comm_value_size: int | None = None,
+        input_attention: bool = True,
+        communication: bool = True,
+        comm_gate: bool = True,
+        input_dropout: float = 0.1,
+        comm_dropout: float = 0.1,
+        mask_output: bool = False,
+    ) -> None:
+        super().__init__()
+        if input_value_size is None:
+            input_value_size = 4 * unit_size
+        if comm_value_size is None:
+            comm_value_size = comm_key_size
+        for name, value in [
+            ("input_size", input_size),
+            ("num_units", num_units),
+            ("unit_size", unit_size),
+            ("input_heads", input_heads),
+            ("input_key_size", input_key_size),
+            ("input_value_size", input_value_size),
+            ("comm_heads", comm_heads),
+            ("comm_key_size", comm_key_size),
+            ("comm_value_size", comm_value_size),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RIM setting {name}={value!r} is invalid: it must be a positive integer")
+        if not isinstance(k_active, int) or not 1 <= k_active <= num_units:
+            raise ValueError(
+                f"RIM setting k_active={k_active!r} is invalid: it must be an integer with "
+                f"1 <= k_active <= num_units={num_units}"
+            )
+        if cell not in ("lstm", "gru"):
+            raise ValueError(f"RIM setting cell={cell!r} is invalid: use 'lstm' or 'gru'")
+        if input_value_size % input_heads != 0:
+            raise ValueError(
+                f"RIM setting input_value_size={input_value_size} is not divisible by "
+                f"input_heads={input_heads}: choose a value width that is a multiple of the head count"
+            )
+        for name, p in [("input_dropout", input_dropout), ("comm_dropout", comm_dropout)]:
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"RIM setting {name}={p!r} is invalid: it must lie in [0, 1)")
+
+        self.input_size = input_size
+        self.num_units = num_units
+        self.k_active = k_active if input_attention else num_units
+        self.unit_size = unit_size
+        self.cell_type: CellType = cell
+        self.input_heads = input_heads
+        self.input_key_size = input_key_size
+        self.input_value_size = input_value_size
+        self.comm_heads = comm_heads
+        self.comm_key_size = comm_key_size
+        self.comm_value_size = comm_value_size
+        self.input_attention = input_attention
+        self.communication = communication
+        self.comm_gate = comm_gate
+        self.input_dropout = float(input_dropout)
+        self.comm_dropout = float(comm_dropout)
+        self.mask_output = mask_output
+
+        K, d_h = num_units, unit_size
+        n_gates = 4 if cell == "lstm" else 3
+        self.n_gates = n_gates
+        if input_attention:
+            # Shared, bias-free key and value maps: the null token's key and value are exactly zero.
+            self.input_key = nn.Linear(input_size, input_heads * input_key_size, bias=False)
+            self.input_value = nn.Linear(input_size, input_value_size, bias=False)
+            # Per-RIM queries from the previous state.
+            self.input_query = nn.Parameter(th.empty(K, d_h, input_heads * input_key_size))
+            cell_in = input_value_size
+        else:
+            cell_in = input_size
+        # Per-RIM recurrent cells. Gate blocks: LSTM (i, f, o, g), GRU (r, z, n) as in nn.GRU.
+        self.weight_ih = nn.Parameter(th.empty(K, cell_in, n_gates * d_h))
+        self.weight_hh = nn.Parameter(th.empty(K, d_h, n_gates * d_h))
+        self.bias_ih = nn.Parameter(th.empty(K, 1, n_gates * d_h))
+        self.bias_hh = nn.Parameter(th.empty(K, 1, n_gates * d_h))
+        if communication:
+            qkv_width = comm_heads * (2 * comm_key_size + comm_value_size)
+            self.comm_qkv = nn.Parameter(th.empty(K, d_h, qkv_width))
+            self.comm_out = nn.Parameter(th.empty(K, comm_heads * comm_value_size, d_h))
+            self.comm_out_bias = nn.Parameter(th.empty(K, 1, d_h))
+            if comm_gate:
+                self.comm_gate_weight = nn.Parameter(th.empty(K, d_h, d_h))
+                self.comm_gate_bias = nn.Parameter(th.empty(K, 1, d_h))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight as PyTorch initialises the corresponding dense layer."""
+        d_h = self.unit_size
+        if self.input_attention:
+            self.input_key.reset_parameters()
+            self.input_value.reset_parameters()
+            _uniform_(self.input_query, d_h)
+        # nn.LSTM / nn.GRU: every weight and bias U(-1/sqrt(d_h), 1/sqrt(d_h)).
+        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+            _uniform_(p, d_h)
+        if self.communication:
+            _uniform_(self.comm_qkv, d_h)
+            fan_out_in = self.comm_heads * self.comm_value_size
+            _uniform_(self.comm_out, fan_out_in)
+            _uniform_(self.comm_out_bias, fan_out_in)
+            if self.comm_gate:
+                _uniform_(self.comm_gate_weight, d_h)
+                _uniform_(self.comm_gate_bias, d_h)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the flat state and of the output: ``K * d_h``."""
+        return self.num_units * self.unit_size
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, num_units={self.num_units}, k_active={self.k_active}, "
+            f"unit_size={self.unit_size}, cell={self.cell_type!r}, input_attention={self.input_attention}, "
+            f"communication={self.communication}"
+        )
+
+    # ------------------------------------------------------------------ input terms
+    def prepare(self, x: th.Tensor, tokens: bool) -> StepInput:
+        """Compute the input-dependent terms of every step in one batch of matrix products.
+
+        :param x: ``(T, B, d_in)`` (one vector per step) or ``(T, B, N, d_in)`` (tokens).
+        :param tokens: whether ``x`` holds tokens.
+        :return: the terms the step consumes, see :class:`StepInput`; every tensor is contiguous in
+            the layout the step reads.
+        """
+        H, K, B = self.input_heads, self.num_units, x.shape[1]
+        bias = self.bias_ih if self.cell_type == "gru" else self.bias_ih + self.bias_hh
+        if not self.input_attention:
+            inp = x.mean(dim=-2) if tokens else x
+            # (T, B, d_in) x (K, d_in, G*d_h) -> (T, K, B, G*d_h), bias folded in.
+            gate_proj = th.einsum("tbi,kig->tkbg", inp, self.weight_ih) + bias
+            return StepInput(False, gate_proj=gate_proj.contiguous())
+        bias = bias.expand(K, B, bias.shape[-1]).contiguous()
+        keys = self.input_key(x).unflatten(-1, (H, self.input_key_size))
+        values = self.input_value(x).unflatten(-1, (H, self.input_value_size // H))
+        if tokens:
+            return StepInput(True, keys=keys, values=values, bias=bias)
+        # Fold each RIM's query map into the keys: score_ih = h_i . (W_q,i[:, h] k_h) / sqrt(d_k).
+        w_q = self.input_query.unflatten(-1, (H, self.input_key_size)) * (self.input_key_size**-0.5)
+        score_proj = th.einsum("tbhe,kdhe->tkbdh", keys, w_q)
+        # Fold each RIM's cell input weights into the values: W_ih,i A_i = sum_h p_ih (W_ih,i[h] v_h).
+        w_ih = self.weight_ih.unflatten(1, (H, self.input_value_size // H))
+        gate_proj = th.einsum("tbhv,khvg->tkbhg", values, w_ih)
+        if H == 1:
+            score_proj, gate_proj = score_proj.squeeze(-1), gate_proj.squeeze(-2)
+        return StepInput(False, score_proj=score_proj.contiguous(), gate_proj=gate_proj.contiguous(), bias=bias)
+
+    # ------------------------------------------------------------------ one step
+    def _attend_input(self, inp: StepInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Input attention for one step.
+
+        :param h: previous state ``(K, B, d_h)``.
+        :return: the cell's input pre-activation ``(K, B, G*d_h)`` (input bias included), the
+            attention on the null token averaged over heads ``(K, B)``, and for token input the
+            head-averaged attention on the real tokens ``(K, B, N)`` (None for one input vector,
+            where it is one minus the null attention).
+        """
+        assert inp.bias is not None
+        if inp.tokens:
+            assert inp.keys is not None and inp.values is not None
+            K, B = h.shape[0], h.shape[1]
+            H, d_k = self.input_heads, self.input_key_size
+            q = th.bmm(h, self.input_query).view(K, B, H, d_k)
+            scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
+            # The null token's key is zero, so its score is exactly zero.
+            scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
+            probs = th.softmax(scores, dim=-1)
+            mean_probs = probs.mean(dim=2)
+            probs = F.dropout(probs, self.input_dropout, self.training)
+            # The null token's value is zero: only the real tokens contribute to the read.
+            read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(K, B, -1)
+            return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
+        assert inp.score_proj is not None and inp.gate_proj is not None
+        # Softmax over {null (score 0), input (score s)} is sigmoid(s). Broadcast products, not
+        # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
+        if self.input_heads == 1:
+            p = th.sigmoid((h * inp.score_proj).sum(dim=-1, keepdim=True))  # (K, B, 1)
+            null_att = 1.0 - p.squeeze(-1)
+            p = F.dropout(p, self.input_dropout, self.training)
+            return th.addcmul(inp.bias, p, inp.gate_proj), null_att, None
+        p = th.sigmoid((h.unsqueeze(-1) * inp.score_proj).sum(dim=-2))  # (K, B, H)
+        null_att = 1.0 - p.mean(dim=-1)
+        p = F.dropout(p, self.input_dropout, self.training)
+        return inp.bias + (p.unsqueeze(-1) * inp.gate_proj).sum(dim=-2), null_att, None
+
+    def _top_k_mask(self, null_attention: th.Tensor) -> th.Tensor:
+        """``(K, B)`` bool mask of the ``k`` RIMs with the least attention on the null token."""
+        with th.no_grad():
+            idx = th.topk(null_attention, self.k_active, dim=0, largest=False).indices
+            return th.zeros_like(null_attention, dtype=th.bool).scatter_(0, idx, True)
+
+    def _cell(self, gates_in: th.Tensor, h: th.Tensor, c: th.Tensor) -> State:
+        """All K cells at once.
+
+        :param gates_in: ``(K, B, G*d_h)``, the input part of the gates with the input bias (and, for
+            the LSTM, the hidden bias).
+        :param h: ``(K, B, d_h)``.
+        :param c: ``(K, B, d_h)``; unused by the GRU.
+        """
+        d_h = self.unit_size
+        if self.cell_type == "lstm":
+            gates = th.baddbmm(gates_in, h, self.weight_hh)
+            i, f, o = th.sigmoid(gates[..., : 3 * d_h]).chunk(3, dim=-1)
+            c_new = th.addcmul(f * c, i, th.tanh(gates[..., 3 * d_h :]))
+            return o * th.tanh(c_new), c_new
+        gh = th.baddbmm(self.bias_hh, h, self.weight_hh)
+        r, z = th.sigmoid(gates_in[..., : 2 * d_h] + gh[..., : 2 * d_h]).chunk(2, dim=-1)
+        n = th.tanh(th.addcmul(gates_in[..., 2 * d_h :], r, gh[..., 2 * d_h :]))
+        return th.lerp(n, h, z), c
+
+    def _communicate(self, h_tent: th.Tensor) -> th.Tensor:
+        """``h^ = h_tent + update`` for every RIM (all are active)."""
+        return h_tent + self._comm_update(h_tent)
+
+    def _comm_update(self, h_tent: th.Tensor) -> th.Tensor:
+        """Every RIM reads from all RIMs' tentative states ``(K, B, d_h)``; returns the gated update.
+
+        Rows of dormant RIMs are computed too and discarded by the masked write. With K of about 6
+        the K x K attention is cheapest as broadcast products in the RIM-first layout: no permutes.
+        """
+        K, B, _ = h_tent.shape
+        Hc, d_k, d_v = self.comm_heads, self.comm_key_size, self.comm_value_size
+        q, k, v = th.bmm(h_tent, self.comm_qkv).split([Hc * d_k, Hc * d_k, Hc * d_v], dim=-1)
+        q, k, v = q.view(K, 1, B, Hc, d_k), k.view(1, K, B, Hc, d_k), v.view(1, K, B, Hc, d_v)
+        scores = (q * k).sum(dim=-1) * (d_k**-0.5)  # (K_query, K_key, B, Hc)
+        probs = F.dropout(th.softmax(scores, dim=1), self.comm_dropout, self.training)
+        att = (probs.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * d_v)
+        out = th.baddbmm(self.comm_out_bias, att, self.comm_out)
+        update = th.tanh(out)
+        if self.comm_gate:
+            update = update * th.sigmoid(th.baddbmm(self.comm_gate_bias, out, self.comm_gate_weight))
+        return update
+
+    def step(
+        self, inp: StepInput, h: th.Tensor, c: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None, th.Tensor | None]:
+        """One step on the internal layout.
+
+        :param inp: the step's input terms (see :meth:`prepare`).
+        :param h: previous hidden state ``(K, B, d_h)``.
+        :param c: previous cell state ``(K, B, d_h)`` (ignored and returned unchanged by the GRU).
+        :return: ``h_t``, ``c_t``, the ``(K, B)`` active mask (None when every RIM is active), the
+            head-averaged attention on the null token ``(K, B)`` and on the real tokens
+            ``(K, B, N)`` (None where not computed; see :meth:`_attend_input`).
+        """
+        null_att = token_att = None
+        if self.input_attention:
+            gates_in, null_att, token_att = self._attend_input(inp, h)
+        else:
+            assert inp.gate_proj is not None
+            gates_in = inp.gate_proj
+        h_new, c_new = self._cell(gates_in, h, c)
+        mask = None
+        if null_att is not None and self.k_active < self.num_units:
+            mask = self._top_k_mask(null_att)
+        if mask is None:
+            return (self._communicate(h_new) if self.communication else h_new), c_new, mask, null_att, token_att
+        m = mask.unsqueeze(-1)
+        # Masked write. A dormant RIM's tentative state is its previous state, copied exactly.
+        h_tent = th.where(m, h_new, h)
+        if self.communication:
+            # h^ = h_tent + update for active RIMs; dormant RIMs add exactly zero, so their state is
+            # still the previous one bit for bit, and the update gets no gradient from them.
+            h_tent = h_tent + self._comm_update(h_tent) * m
+        if self.cell_type == "lstm":
+            c_new = th.where(m, c_new, c)
+        return h_tent, c_new, mask, null_att, token_att
+
+    def initial_state(self, batch_size: int, device: th.device | str | None = None) -> State:
+        """Zero state ``(h, c)``, each ``(1, batch_size, K * d_h)``."""
+        dtype = self.weight_hh.dtype
+        device = self.weight_hh.device if device is None else device
+        h = th.zeros(1, batch_size, self.hidden_size, dtype=dtype, device=device)
+        return h, th.zeros_like(h)
+
+    def to_internal(self, flat: th.Tensor) -> th.Tensor:
+        """``(1, B, K*d_h)`` -> ``(K, B, d_h)``."""
+        B = flat.shape[1]
+        return flat.view(B, self.num_units, self.unit_size).transpose(0, 1)
+
+    def to_flat(self, internal: th.Tensor) -> th.Tensor:
+        """``(K, B, d_h)`` -> ``(1, B, K*d_h)``."""
+        return internal.transpose(0, 1).reshape(1, internal.shape[1], self.hidden_size)
+
+    def forward(self, x: th.Tensor, state: State | None = None) -> tuple[th.Tensor, State]:
+        """One step on the public layout.
+
+        :param x: ``(B, d_in)`` or ``(B, N, d_in)`` tokens.
+        :param state: ``(h, c)``, each ``(1, B, K*d_h)``; zeros when None.
+        :return: ``out`` of shape ``(B, K*d_h)`` and the new state.
+        """
+        out, new_state = RIMCore.run(self, x.unsqueeze(0), state, None)
+        return out[0], new_state
+
+
+class RIMCore(nn.Module):
+    """A RIM sequence module with ``nn.LSTM``'s calling convention (time-first, one layer).
+
+    ``out, (h, c) = core(x, (h0, c0), episode_starts=None)`` with ``x`` of shape ``(T, B, d_in)``
+    or ``(T, B, N, d_in)`` (tokens, for spatial attention), states of shape ``(1, B, K*d_h)`` and
+    ``out`` of shape ``(T, B, K*d_h)``. ``episode_starts`` ``(T, B)`` zeroes an element's state at
+    the step where its episode starts. The GRU variant returns a zero ``c``.
+
+    Set ``core.track_activity = True`` to keep, after each call, ``core.last_activity["mask"]``
+    (``(T, B, K)`` bool) and ``core.last_activity["input_attention"]`` (``(T, B, K, N + 1)``,
+    head-averaged, null token first). Nothing is kept, or computed for it, otherwise.
+
+    Keyword arguments are those of :class:`RIMCell`.
+    """
+
+    num_layers = 1
+
+    def __init__(self, input_size: int, **kwargs: object) -> None:
+        super().__init__()
+        self.cell = RIMCell(input_size, **kwargs)  # type: ignore[arg-type]
+        self.track_activity = False
+        self.last_activity: dict[str, th.Tensor] = {}
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cell.hidden_size
+
+    def initial_state(self, batch_size: int, device: th.device | str | None = None) -> State:
+        """Zero state ``(h, c)``, each ``(1, batch_size, K * d_h)``."""
+        return self.cell.initial_state(batch_size, device)
+
+    def forward(
+        self,
+        x: th.Tensor,
+        state: State | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> tuple[th.Tensor, State]:
+        """Unroll over time.
+
+        :param x: ``(T, B, input_size)`` or ``(T, B, N, input_size)``.
+        :param state: ``(h0, c0)``, each ``(1, B, K*d_h)``; zeros when None.
+        :param episode_starts: ``(T, B)``, nonzero where an episode starts (state zeroed there).
+        :return: ``out`` ``(T, B, K*d_h)`` and the final ``(h, c)``.
+        """
+        out, new_state = self.run(self.cell, x, state, episode_starts, self)
+        return out, new_state
+
+    @staticmethod
+    def run(
+        cell: RIMCell,
+        x: th.Tensor,
+        state: State | None,
+        episode_starts: th.Tensor | None,
+        tracker: RIMCore | None = None,
+    ) -> tuple[th.Tensor, State]:
+        """The time loop shared by :class:`RIMCore` and :meth:`RIMCell.forward`."""
+        if x.dim() not in (3, 4) or x.shape[-1] != cell.input_size:
+            raise ValueError(
+                f"RIM input has shape {tuple(x.shape)}: expected (T, B, {cell.input_size}) or "
+                f"(T, B, N, {cell.input_size}) with input_size={cell.input_size} last"
+            )
+        T, B = x.shape[0], x.shape[1]
+        tokens = x.dim() == 4
+        if state is None:
+            state = cell.initial_state(B, x.device)
+        h0, c0 = state
+        expected = (1, B, cell.hidden_size)
+        for name, s in (("h0", h0), ("c0", c0)):
+            if tuple(s.shape) != expected:
+                raise ValueError(
+                    f"RIM state {name} has shape {tuple(s.shape)}: expected {expected} "
+                    f"(1, batch, num_units * unit_size)"
+                )
+        reset_steps: list[bool] = [False] * T
+        keep: th.Tensor | None = None
+        if episode_starts is not None:
+            if tuple(episode_starts.shape) != (T, B):
+                raise ValueError(f"episode_starts has shape {tuple(episode_starts.shape)}: expected (T, B) = {(T, B)}")
+            starts = episode_starts.bool()
+            reset_steps = starts.any(dim=1).tolist()
+            keep = (~starts).to(x.dtype).view(T, 1, B, 1)
+
+        inputs = cell.prepare(x, tokens)
+        h, c = cell.to_internal(h0), cell.to_internal(c0)
+        if cell.cell_type == "gru":
+            c = th.zeros_like(h)
+        track = tracker is not None and tracker.track_activity
+        outs: list[th.Tensor] = []
+        masks: list[th.Tensor] = []
+        attentions: list[th.Tensor] = []
+        for t, step_input in enumerate(inputs.unbind()):
+            if reset_steps[t]:
+                assert keep is not None
+                h = h * keep[t]
+                if cell.cell_type == "lstm":
+                    c = c * keep[t]
+            h, c, mask, null_att, token_att = cell.step(step_input, h, c)
+            outs.append(h * mask.unsqueeze(-1) if cell.mask_output and mask is not None else h)
+            if track:
+                masks.append(th.ones(h.shape[:2], dtype=th.bool, device=h.device) if mask is None else mask)
+                if null_att is not None:
+                    token_att = (1.0 - null_att).unsqueeze(-1) if token_att is None else token_att
+                    attentions.append(th.cat([null_att.unsqueeze(-1), token_att], dim=-1).detach())
+        # (T, K, B, d_h) -> (T, B, K*d_h)
+        out = th.stack(outs).transpose(1, 2).reshape(T, B, cell.hidden_size)
+        if track:
+            assert tracker is not None
+            activity = {"mask": th.stack(masks).transpose(1, 2)}
+            if attentions:
+                activity["input_attention"] = th.stack(attentions).transpose(1, 2)
+            tracker.last_activity = activity
+        return out, (cell.to_flat(h), cell.to_flat(c))

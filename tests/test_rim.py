@@ -1,0 +1,438 @@
+"""The RIM core against RIM_SPEC.md: a naive reference, invariants, ablations and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch as th
+
+from rim_agents import RIMCore
+
+D_IN = 12
+
+
+def make_core(seed: int = 0, **kwargs: object) -> RIMCore:
+    th.manual_seed(seed)
+    defaults: dict[str, object] = {
+        "num_units": 5,
+        "k_active": 3,
+        "unit_size": 8,
+        "input_key_size": 6,
+        "comm_key_size": 4,
+        "comm_heads": 2,
+    }
+    defaults.update(kwargs)
+    return RIMCore(D_IN, **defaults)
+
+
+def random_state(core: RIMCore, batch: int, seed: int = 1) -> tuple[th.Tensor, th.Tensor]:
+    g = th.Generator().manual_seed(seed)
+    shape = (1, batch, core.hidden_size)
+    return th.randn(shape, generator=g) * 0.5, th.randn(shape, generator=g) * 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# A deliberately naive transcription of RIM_SPEC.md, one batch element and one RIM at a time.
+# ---------------------------------------------------------------------------------------------
+def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """One step for one element. ``x``: ``(N, d_in)``; ``h``, ``c``: ``(K, d_h)``.
+
+    Returns the new ``h``, ``c`` and the active mask ``(K,)``.
+    """
+    cell = core.cell
+    K, k, d_h = cell.num_units, cell.k_active, cell.unit_size
+    H, d_k = cell.input_heads, cell.input_key_size
+    d_v = cell.input_value_size // H
+    Hc, ck, cv = cell.comm_heads, cell.comm_key_size, cell.comm_value_size
+
+    if cell.input_attention:
+        x_null = th.cat([th.zeros(1, x.shape[1]), x], dim=0)  # null token first
+        keys = (x_null @ cell.input_key.weight.T).view(-1, H, d_k)
+        values = (x_null @ cell.input_value.weight.T).view(-1, H, d_v)
+        reads, null_att = [], []
+        for i in range(K):
+            q = (h[i] @ cell.input_query[i]).view(H, d_k)
+            probs = th.softmax(th.einsum("he,nhe->hn", q, keys) / math.sqrt(d_k), dim=-1)
+            reads.append(th.einsum("hn,nhv->hv", probs, values).reshape(-1))
+            null_att.append(probs[:, 0].mean())
+        order = th.argsort(th.stack(null_att))
+        active = th.zeros(K, dtype=th.bool)
+        active[order[:k]] = True
+    else:
+        reads = [x.mean(0)] * K
+        active = th.ones(K, dtype=th.bool)
+
+    h_new, c_new = [], []
+    for i in range(K):
+        gi = reads[i] @ cell.weight_ih[i] + cell.bias_ih[i, 0]
+        gh = h[i] @ cell.weight_hh[i] + cell.bias_hh[i, 0]
+        if cell.cell_type == "lstm":
+            gates = gi + gh
+            ig, fg, og = (th.sigmoid(gates[j * d_h : (j + 1) * d_h]) for j in range(3))
+            gg = th.tanh(gates[3 * d_h :])
+            cn = fg * c[i] + ig * gg
+            h_new.append(og * th.tanh(cn))
+            c_new.append(cn)
+        else:
+            r = th.sigmoid(gi[:d_h] + gh[:d_h])
+            z = th.sigmoid(gi[d_h : 2 * d_h] + gh[d_h : 2 * d_h])
+            n = th.tanh(gi[2 * d_h :] + r * gh[2 * d_h :])
+            h_new.append((1 - z) * n + z * h[i])
+            c_new.append(c[i])
+    tent = [h_new[i] if active[i] else h[i] for i in range(K)]
+    out_h = list(tent)
+    if cell.communication:
+        qkv = [tent[i] @ cell.comm_qkv[i] for i in range(K)]
+        qs = [z[: Hc * ck].view(Hc, ck) for z in qkv]
+        ks = [z[Hc * ck : 2 * Hc * ck].view(Hc, ck) for z in qkv]
+        vs = [z[2 * Hc * ck :].view(Hc, cv) for z in qkv]
+        for i in range(K):
+            if not active[i]:
+                continue
+            scores = th.stack([(qs[i] * ks[j]).sum(-1) / math.sqrt(ck) for j in range(K)], dim=-1)  # (Hc, K)
+            probs = th.softmax(scores, dim=-1)
+            att = th.stack([sum(probs[hh, j] * vs[j][hh] for j in range(K)) for hh in range(Hc)]).reshape(-1)
+            out = att @ cell.comm_out[i] + cell.comm_out_bias[i, 0]
+            update = th.tanh(out)
+            if cell.comm_gate:
+                update = update * th.sigmoid(out @ cell.comm_gate_weight[i] + cell.comm_gate_bias[i, 0])
+            out_h[i] = tent[i] + update
+    h_t = th.stack([out_h[i] if active[i] else h[i] for i in range(K)])
+    c_t = th.stack([c_new[i] if active[i] else c[i] for i in range(K)])
+    return h_t, c_t, active
+
+
+def reference_unroll(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+    """``x``: ``(T, B, d_in)`` or ``(T, B, N, d_in)``. Returns outputs ``(T, B, K*d_h)`` and masks."""
+    K, d_h = core.cell.num_units, core.cell.unit_size
+    T, B = x.shape[:2]
+    outs = th.zeros(T, B, K * d_h)
+    masks = th.zeros(T, B, K, dtype=th.bool)
+    for b in range(B):
+        h = state[0][0, b].view(K, d_h)
+        c = state[1][0, b].view(K, d_h)
+        for t in range(T):
+            xt = x[t, b] if x.dim() == 4 else x[t, b].unsqueeze(0)
+            h, c, masks[t, b] = reference_step(core, xt, h, c)
+            outs[t, b] = h.reshape(-1)
+    return outs, masks
+
+
+CONFIGS = [
+    {},
+    {"cell": "gru"},
+    {"input_heads": 2, "input_value_size": 16},
+    {"input_heads": 3, "input_value_size": 12, "cell": "gru"},
+    {"communication": False},
+    {"comm_gate": False},
+    {"input_attention": False},
+    {"k_active": 5},
+    {"k_active": 1},
+]
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("tokens", [False, True], ids=["vector", "tokens"])
+def test_matches_naive_reference(kwargs: dict[str, object], tokens: bool) -> None:
+    core = make_core(**kwargs).eval()
+    core.track_activity = True
+    th.manual_seed(3)
+    x = th.randn(6, 4, 5, D_IN) if tokens else th.randn(6, 4, D_IN)
+    state = random_state(core, 4)
+    with th.no_grad():
+        out, (h, c) = core(x, state)
+        ref_out, ref_masks = reference_unroll(core, x, state)
+    th.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(h[0], ref_out[-1], atol=1e-5, rtol=1e-5)
+    assert th.equal(core.last_activity["mask"], ref_masks)
+    if core.cell.cell_type == "gru":
+        assert th.count_nonzero(c) == 0
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_exactly_k_active_and_least_null_attention(tokens: bool, cell: str) -> None:
+    core = make_core(cell=cell, k_active=2, input_heads=2, input_value_size=16).eval()
+    core.track_activity = True
+    x = th.randn(9, 7, 4, D_IN) if tokens else th.randn(9, 7, D_IN)
+    core(x)
+    mask, att = core.last_activity["mask"], core.last_activity["input_attention"]
+    assert mask.shape == (9, 7, 5) and mask.dtype == th.bool
+    assert att.shape == (9, 7, 5, (4 if tokens else 1) + 1)
+    assert th.all(mask.sum(-1) == 2)
+    th.testing.assert_close(att.sum(-1), th.ones(9, 7, 5))
+    null = att[..., 0]
+    # Every active RIM attends less to the null token than every dormant one.
+    max_active = null.masked_fill(~mask, -1.0).amax(-1)
+    min_dormant = null.masked_fill(mask, 2.0).amin(-1)
+    assert th.all(max_active <= min_dormant)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dormant_state_carried_bit_for_bit(cell: str) -> None:
+    core = make_core(cell=cell).train()  # dropout on: still no change to dormant RIMs
+    core.track_activity = True
+    K, d_h = core.cell.num_units, core.cell.unit_size
+    h, c = random_state(core, 6)
+    x = th.randn(8, 6, D_IN)
+    dormant_seen = 0
+    for t in range(8):
+        h_new, c_new = core(x[t : t + 1], (h, c))[1]
+        dormant = ~core.last_activity["mask"][0]  # (B, K)
+        prev_h, next_h = h[0].view(6, K, d_h), h_new[0].view(6, K, d_h)
+        assert th.equal(next_h[dormant], prev_h[dormant])
+        assert not th.equal(next_h[~dormant], prev_h[~dormant])
+        if cell == "lstm":
+            assert th.equal(c_new[0].view(6, K, d_h)[dormant], c[0].view(6, K, d_h)[dormant])
+        dormant_seen += int(dormant.sum())
+        h, c = h_new, c_new
+    assert dormant_seen == 8 * 6 * (K - core.cell.k_active)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_sequence_equals_repeated_single_steps(cell: str, tokens: bool) -> None:
+    core = make_core(cell=cell).eval()
+    x = th.randn(7, 3, 4, D_IN) if tokens else th.randn(7, 3, D_IN)
+    state = random_state(core, 3)
+    with th.no_grad():
+        out, final = core(x, state)
+        s = state
+        step_outs, step_states = [], []
+        for t in range(7):
+            o, s = core(x[t : t + 1], s)
+            step_outs.append(o[0])
+            step_states.append(s)
+        # The step module gives the same as the sequence module.
+        o_cell, s_cell = core.cell(x[0], state)
+    th.testing.assert_close(out, th.stack(step_outs), atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(final[0], s[0], atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(final[1], s[1], atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(o_cell, out[0], atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(s_cell[0], step_states[0][0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reset_equals_fresh_unroll(cell: str) -> None:
+    core = make_core(cell=cell).eval()
+    T, B, s = 10, 3, 4
+    x = th.randn(T, B, D_IN)
+    state = random_state(core, B)
+    starts = th.zeros(T, B)
+    starts[s, 1] = 1.0
+    with th.no_grad():
+        out, _ = core(x, state, episode_starts=starts)
+        fresh, _ = core(x[s:, 1:2])  # zero initial state
+        no_reset, _ = core(x, state)
+    th.testing.assert_close(out[s:, 1], fresh[:, 0], atol=1e-6, rtol=1e-6)
+    # Before the reset, and for the other elements, nothing changes.
+    assert th.equal(out[:s], no_reset[:s])
+    assert th.equal(out[:, [0, 2]], no_reset[:, [0, 2]])
+    # A reset at t=0 equals a zero initial state.
+    starts0 = th.zeros(T, B)
+    starts0[0] = 1.0
+    with th.no_grad():
+        th.testing.assert_close(core(x, state, episode_starts=starts0)[0], core(x)[0], atol=0, rtol=0)
+
+
+def test_batch_elements_do_not_interact() -> None:
+    core = make_core().eval()
+    x = th.randn(6, 4, D_IN)
+    state = random_state(core, 4)
+    x2, h2 = x.clone(), state[0].clone()
+    x2[:, 2] = th.randn(6, D_IN) * 5
+    h2[0, 2] = 3.0
+    with th.no_grad():
+        a, _ = core(x, state)
+        b, _ = core(x2, (h2, state[1]))
+    th.testing.assert_close(a[:, [0, 1, 3]], b[:, [0, 1, 3]], atol=1e-6, rtol=0)
+    assert not th.allclose(a[:, 2], b[:, 2])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"cell": "gru"}, {"input_heads": 2, "input_value_size": 16}])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gradients_reach_every_parameter(kwargs: dict[str, object], tokens: bool) -> None:
+    core = make_core(**kwargs).train()
+    x = th.randn(12, 4, 3, D_IN) if tokens else th.randn(12, 4, D_IN)
+    out, _ = core(x)
+    (out * th.randn_like(out)).sum().backward()
+    for name, p in core.named_parameters():
+        assert p.grad is not None, name
+        assert th.count_nonzero(p.grad) > 0, name
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rim_dormant_for_every_element_gets_no_cell_gradient(cell: str) -> None:
+    core = make_core(cell=cell, k_active=2).eval()
+    core.track_activity = True
+    cell_params = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "input_query"]
+    found = False
+    for seed in range(50):
+        th.manual_seed(seed)
+        x = th.randn(1, 2, D_IN)
+        state = random_state(core, 2, seed=seed)
+        core.zero_grad()
+        out, _ = core(x, state)
+        mask = core.last_activity["mask"][0]  # (B, K)
+        always_dormant = (~mask).all(0)
+        if not always_dormant.any():
+            continue
+        found = True
+        (out * th.randn_like(out)).sum().backward()
+        for name in cell_params:
+            grad = getattr(core.cell, name).grad
+            assert grad is not None
+            assert th.count_nonzero(grad[always_dormant]) == 0, name
+            assert th.count_nonzero(grad[mask.any(0)]) > 0, name
+        break
+    assert found, "no input left a RIM dormant for both elements"
+
+
+def test_no_gradient_through_the_selection() -> None:
+    core = make_core().eval()
+    core.track_activity = True
+    x = th.randn(1, 3, D_IN, requires_grad=True)
+    out, _ = core(x)
+    assert not core.last_activity["mask"].requires_grad
+    # Gradient through the input only flows via the active RIMs' reads: still defined and finite.
+    out.sum().backward()
+    assert x.grad is not None and th.isfinite(x.grad).all()
+
+
+def test_null_token_key_and_value_are_zero() -> None:
+    core = make_core()
+    assert core.cell.input_key.bias is None and core.cell.input_value.bias is None
+    z = th.zeros(1, D_IN)
+    assert th.count_nonzero(core.cell.input_key(z)) == 0
+    assert th.count_nonzero(core.cell.input_value(z)) == 0
+
+
+def test_initial_state_is_zero() -> None:
+    core = make_core()
+    h, c = core.initial_state(3)
+    assert h.shape == c.shape == (1, 3, core.hidden_size)
+    assert th.count_nonzero(h) == 0 and th.count_nonzero(c) == 0
+    x = th.randn(4, 3, D_IN)
+    th.testing.assert_close(core.eval()(x)[0], core(x, (h, c))[0], atol=0, rtol=0)
+
+
+def test_nn_lstm_calling_convention() -> None:
+    core = make_core()
+    assert core.input_size == D_IN
+    assert core.hidden_size == 5 * 8
+    assert core.num_layers == 1
+    out, (h, c) = core(th.randn(3, 2, D_IN), core.initial_state(2))
+    assert out.shape == (3, 2, 40) and h.shape == c.shape == (1, 2, 40)
+
+
+# ------------------------------------------------------------------------------------ ablations
+def test_ablation_no_input_attention_reads_input_and_all_active() -> None:
+    core = make_core(input_attention=False).eval()
+    core.track_activity = True
+    assert not hasattr(core.cell, "input_query") and not hasattr(core.cell, "input_key")
+    x = th.randn(5, 3, D_IN)
+    core(x)
+    assert core.last_activity["mask"].all()
+    assert "input_attention" not in core.last_activity
+    # Every RIM's cell reads the raw input: a RIM's input weights change its own state.
+    with th.no_grad():
+        core.cell.weight_ih[2].mul_(2.0)
+        x1 = th.randn(1, 3, D_IN)
+        out = core(x1)[0].view(3, 5, 8)
+    assert out.shape == (3, 5, 8)
+
+
+def test_ablation_k_equals_k_all_active() -> None:
+    core = make_core(k_active=5).eval()
+    core.track_activity = True
+    core(th.randn(4, 3, D_IN))
+    assert core.last_activity["mask"].all()
+
+
+def test_ablation_no_communication_isolates_rims() -> None:
+    """Without communication (and all RIMs active) a RIM's state depends on itself and the input only."""
+    K, d_h = 5, 8
+    for communication in (False, True):
+        core = make_core(k_active=K, communication=communication).eval()
+        assert hasattr(core.cell, "comm_qkv") == communication
+        x = th.randn(3, 2, D_IN)
+        h, c = random_state(core, 2)
+        h2 = h.clone().view(1, 2, K, d_h)
+        h2[:, :, 1] += 1.0
+        with th.no_grad():
+            a = core(x, (h, c))[0].view(3, 2, K, d_h)
+            b = core(x, (h2.view(1, 2, K * d_h), c))[0].view(3, 2, K, d_h)
+        others = [0, 2, 3, 4]
+        assert not th.allclose(a[:, :, 1], b[:, :, 1])
+        if communication:
+            assert not th.allclose(a[:, :, others], b[:, :, others])
+        else:
+            assert th.equal(a[:, :, others], b[:, :, others])
+
+
+def test_gru_cell_shapes_and_zero_c() -> None:
+    core = make_core(cell="gru")
+    assert core.cell.weight_hh.shape == (5, 8, 3 * 8)
+    _, (h, c) = core(th.randn(3, 2, D_IN), random_state(core, 2))
+    assert th.count_nonzero(c) == 0 and th.count_nonzero(h) > 0
+
+
+def test_mask_output_zeroes_dormant_rims_in_output_only() -> None:
+    core = make_core(mask_output=True).eval()
+    core.track_activity = True
+    out, (h, _) = core(th.randn(1, 4, D_IN), random_state(core, 4))
+    mask = core.last_activity["mask"][0]
+    out = out[0].view(4, 5, 8)
+    assert th.count_nonzero(out[~mask]) == 0
+    assert th.count_nonzero(h[0].view(4, 5, 8)[~mask]) > 0
+
+
+def test_same_seed_same_output_with_dropout() -> None:
+    results = []
+    for _ in range(2):
+        core = make_core(seed=7).train()
+        th.manual_seed(11)
+        x = th.randn(6, 3, D_IN)
+        results.append(core(x)[0])
+    assert th.equal(results[0], results[1])
+    core = make_core(seed=8).train()
+    th.manual_seed(11)
+    assert not th.equal(core(th.randn(6, 3, D_IN))[0], results[0])
+
+
+def test_activity_not_kept_unless_asked() -> None:
+    core = make_core()
+    core(th.randn(2, 2, D_IN))
+    assert core.last_activity == {}
+
+
+# --------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k_active": 0}, "k_active=0"),
+        ({"k_active": 6}, "k_active=6"),
+        ({"num_units": 0}, "num_units=0"),
+        ({"unit_size": -3}, "unit_size=-3"),
+        ({"input_heads": 3, "input_value_size": 16}, "input_value_size=16 is not divisible by input_heads=3"),
+        ({"comm_key_size": 0}, "comm_key_size=0"),
+        ({"cell": "rnn"}, "cell='rnn'"),
+        ({"input_dropout": 1.0}, "input_dropout=1.0"),
+    ],
+)
+def test_bad_settings_raise(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_core(**kwargs)
+
+
+def test_bad_shapes_raise() -> None:
+    core = make_core()
+    with pytest.raises(ValueError, match=r"input has shape \(3, 2, 7\)"):
+        core(th.randn(3, 2, 7))
+    with pytest.raises(ValueError, match=r"input has shape \(2, 12\)"):
+        core(th.randn(2, D_IN))
+    with pytest.raises(ValueError, match=r"h0 has shape \(1, 2, 39\)"):
+        core(th.randn(3, 2, D_IN), (th.zeros(1, 2, 39), th.zeros(1, 2, 40)))
+    with pytest.raises(ValueError, match=r"episode_starts has shape \(3,\)"):
+        core(th.randn(3, 2, D_IN), None, th.zeros(3))
