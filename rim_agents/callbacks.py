@@ -1,0 +1,140 @@
+"""Training callbacks: periodic atomic checkpoints and TensorBoard views of what the RIMs do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Image
+
+from rim_agents.checkpoints import checkpoint_path, save_model
+from rim_agents.policy import RIMPolicy
+from rim_agents.rim import RIMCore
+
+_NOT_TEXT = ("stdout", "log", "json", "csv")
+
+
+class CheckpointCallback(BaseCallback):
+    """Save ``run_dir/checkpoints/step_<n>.zip`` atomically every ``save_freq`` env steps.
+
+    :param run_dir: the run directory.
+    :param save_freq: env steps between checkpoints (counted over all envs).
+    """
+
+    def __init__(self, run_dir: Path, save_freq: int) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.save_freq = save_freq
+        self.next_save = 0
+
+    def _on_training_start(self) -> None:
+        self.next_save = (self.num_timesteps // self.save_freq + 1) * self.save_freq
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_save:
+            save_model(self.model, checkpoint_path(self.run_dir, self.num_timesteps))
+            self.next_save = (self.num_timesteps // self.save_freq + 1) * self.save_freq
+        return True
+
+
+class RIMActivityCallback(BaseCallback):
+    """Log what the actor's RIM core does during rollouts.
+
+    Scalars every ``log_freq`` rollouts:
+
+    - ``rims/active_frac/rim_<i>``: fraction of steps in which RIM ``i`` was active;
+    - ``rims/switch_rate``: fraction of steps (within an episode) whose active set differs from
+      the previous step's;
+    - ``rims/input_attention_entropy``: mean entropy (nats) of each RIM's input attention over
+      ``[null, tokens...]``;
+    - ``rims/null_attention``: mean attention on the null token.
+
+    Every ``image_freq`` rollouts, ``rims/activation_pattern``: the active mask of env 0 over its
+    last complete episode (RIMs by time; white is active), at most ``max_image_steps`` steps.
+
+    Tracking is switched on only during rollouts, so training minibatches pay nothing for it.
+    """
+
+    def __init__(self, log_freq: int = 1, image_freq: int = 20, max_image_steps: int = 1000) -> None:
+        super().__init__()
+        self.log_freq, self.image_freq, self.max_image_steps = log_freq, image_freq, max_image_steps
+        self.rollouts = 0
+        self.episode: list[np.ndarray] = []
+        self.last_episode: np.ndarray | None = None
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.active_sum: np.ndarray | None = None
+        self.steps = 0
+        self.switches = 0
+        self.switch_steps = 0
+        self.entropy_sum = 0.0
+        self.null_sum = 0.0
+        self.attention_steps = 0
+        self.prev_mask: np.ndarray | None = None
+
+    def _core(self) -> RIMCore | None:
+        policy = self.model.policy
+        cores: list[RIMCore] = policy.rim_cores() if isinstance(policy, RIMPolicy) else []
+        return cores[0] if cores else None
+
+    def _on_rollout_start(self) -> None:
+        core = self._core()
+        if core is not None:
+            core.track_activity = True
+
+    def _on_step(self) -> bool:
+        core = self._core()
+        if core is None or "mask" not in core.last_activity:
+            return True
+        mask = core.last_activity["mask"][-1].cpu().numpy()  # (n_envs, K)
+        starts = np.asarray(self.model._last_episode_starts, dtype=bool)  # the step just taken
+        if self.active_sum is None:
+            self.active_sum = np.zeros(mask.shape[1])
+        self.active_sum += mask.sum(0)
+        self.steps += mask.shape[0]
+        if self.prev_mask is not None:
+            within = ~starts
+            changed = (mask != self.prev_mask).any(axis=1)
+            self.switches += int((changed & within).sum())
+            self.switch_steps += int(within.sum())
+        self.prev_mask = mask
+        attention = core.last_activity.get("input_attention")
+        if attention is not None:
+            p = attention[-1].clamp_min(1e-12)  # (n_envs, K, N + 1)
+            self.entropy_sum += float(-(p * p.log()).sum(-1).mean()) * mask.shape[0]
+            self.null_sum += float(p[..., 0].mean()) * mask.shape[0]
+            self.attention_steps += mask.shape[0]
+        # Env 0's episode, for the image.
+        if starts[0] and self.episode:
+            self.last_episode = np.stack(self.episode[: self.max_image_steps], axis=1)
+            self.episode = []
+        self.episode.append(mask[0])
+        return True
+
+    def _on_rollout_end(self) -> None:
+        core = self._core()
+        if core is None:
+            return
+        core.track_activity = False
+        core.last_activity = {}
+        self.rollouts += 1
+        if self.steps and self.active_sum is not None and self.rollouts % self.log_freq == 0:
+            for i, frac in enumerate(self.active_sum / self.steps):
+                self.logger.record(f"rims/active_frac/rim_{i}", float(frac))
+            if self.switch_steps:
+                self.logger.record("rims/switch_rate", self.switches / self.switch_steps)
+            if self.attention_steps:
+                self.logger.record("rims/input_attention_entropy", self.entropy_sum / self.attention_steps)
+                self.logger.record("rims/null_attention", self.null_sum / self.attention_steps)
+            self._reset_stats()
+        if self.last_episode is not None and self.rollouts % self.image_freq == 0:
+            self.logger.record("rims/activation_pattern", Image(activity_image(self.last_episode), "HWC"), _NOT_TEXT)
+
+
+def activity_image(mask: np.ndarray, row_height: int = 8) -> np.ndarray:
+    """``(K, T)`` bool mask -> ``(K * row_height, T, 3)`` uint8 image, active white, rows separated."""
+    rows = np.repeat(mask.astype(np.uint8) * 255, row_height, axis=0)
+    rows[row_height - 1 :: row_height] = 64  # a grey line under each RIM
+    return np.repeat(rows[:, :, None], 3, axis=2)

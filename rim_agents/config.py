@@ -1,0 +1,336 @@
+"""Typed training configuration: dataclass defaults < ``configs/<family>.yaml`` < ``--config FILE`` < CLI.
+
+Every YAML key maps one to one onto a field below. Unknown keys and values of the wrong type are
+errors (:class:`ConfigError`), never silently ignored. A family file may hold a ``cores:`` section
+whose entry for the chosen core is applied after the shared settings, so that all cores of a family
+share every PPO setting and differ only in their own.
+
+Schedules follow rl-baselines3-zoo: ``learning_rate: lin_2.5e-4`` decays linearly to zero over
+training; a plain number is constant. YAML reads ``3e-4`` as a string; numeric strings are accepted
+for float fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from rim_agents.errors import UsageError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(UsageError):
+    """A configuration value or file is wrong."""
+
+
+@dataclass
+class PPOConfig:
+    """Arguments of :class:`rim_agents.RIMPPO` (sb3-contrib's ``RecurrentPPO``)."""
+
+    n_steps: int = 128  # steps per env per rollout
+    batch_size: int = 256  # transitions per minibatch
+    n_epochs: int = 4  # passes over each rollout
+    seq_len: int | None = 32  # training sequence length (None: sb3-contrib's padded sampler)
+    learning_rate: float | str = "lin_2.5e-4"  # number, or "lin_<start>" for a linear decay to 0
+    clip_range: float | str = "lin_0.1"  # same syntax as learning_rate
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = True
+    target_kl: float | None = None
+
+
+@dataclass
+class PolicyConfig:
+    """Arguments of :class:`rim_agents.RIMPolicy` other than the core's own."""
+
+    features_extractor: str = "nature_cnn"  # nature_cnn | nature_cnn_tokens | minigrid | flatten
+    features_extractor_kwargs: dict[str, Any] = field(default_factory=dict)
+    net_arch: list[int] = field(default_factory=list)  # MLP after the core, shared by actor and critic
+    lstm_hidden_size: int = 128  # width of the lstm / gru cores
+    n_lstm_layers: int = 1
+    enable_critic_lstm: bool = False  # the critic gets its own core
+    shared_lstm: bool = False  # the critic reads the actor's core output (no gradient)
+    ortho_init: bool = True
+    normalize_images: bool = True
+
+
+@dataclass
+class RIMConfig:
+    """Arguments of :class:`rim_agents.RIMCore` (see its docstring)."""
+
+    num_units: int = 6
+    k_active: int = 4
+    unit_size: int = 64
+    cell: str = "lstm"
+    input_heads: int = 1
+    input_key_size: int = 64
+    input_value_size: int | None = None  # default 4 * unit_size
+    comm_heads: int = 4
+    comm_key_size: int = 32
+    comm_value_size: int | None = None  # default comm_key_size
+    input_attention: bool = True
+    communication: bool = True
+    comm_gate: bool = True
+    input_dropout: float = 0.0
+    comm_dropout: float = 0.0
+    mask_output: bool = False
+
+
+@dataclass
+class EnvConfig:
+    """Environment options passed to :func:`rim_agents.envs.make_vec_env`."""
+
+    frame_stack: int = 4  # Atari
+    terminal_on_life_loss: bool = True  # Atari: a lost life ends the training episode
+    clip_reward: bool = True  # Atari: sign of the reward for training (returns logged unclipped)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gymnasium.make
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    env: str = ""
+    core: str = "rims"  # rims | lstm | gru
+    seed: int = 0
+    n_envs: int = 8
+    total_timesteps: int = 10_000_000
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_freq: int = 100_000  # env steps between checkpoints (0: only the final model)
+    rim_log_freq: int = 1  # rollouts between RIM activity scalars
+    rim_image_freq: int = 20  # rollouts between RIM activity images
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rims: RIMConfig = field(default_factory=RIMConfig)
+    env_options: EnvConfig = field(default_factory=EnvConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ coercion
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert numeric strings for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key}: {value!r} is not a valid {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif (tp is str and isinstance(value, str)) or (
+        ((origin is list or tp is list) and isinstance(value, list))
+        or ((origin is dict or tp is dict) and isinstance(value, dict))
+    ):
+        return value
+    raise ConfigError(f"config key {key}: {value!r} is not a valid {_type_name(tp)}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict of updates to a dataclass instance, strictly."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _validate_schedule(value: float | str, key: str) -> None:
+    if isinstance(value, str) and not re.fullmatch(r"lin_[0-9.eE+-]+", value):
+        raise ConfigError(f"config key {key}: {value!r} is not a number or 'lin_<number>'")
+    if isinstance(value, str):
+        try:
+            float(value[4:])
+        except ValueError:
+            raise ConfigError(f"config key {key}: {value!r} is not a number or 'lin_<number>'") from None
+
+
+# ------------------------------------------------------------------------------------ loading
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: give the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "parse error"
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def apply_layer(config: TrainConfig, data: dict[str, Any], core: str | None = None) -> None:
+    """Apply one YAML layer; its ``cores:`` entry for the chosen core is applied after the rest."""
+    data = dict(data)
+    cores = data.pop("cores", {}) or {}
+    if not isinstance(cores, dict):
+        raise ConfigError("config key cores must map core names to config sections")
+    _merge(config, data)
+    chosen = core or config.core
+    if chosen in cores:
+        _merge(config, cores[chosen] or {}, prefix=f"cores.{chosen}.")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"ppo.learning_rate=1e-4"`` -> ``{"ppo": {"learning_rate": 1e-4}}`` (value read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. ppo.n_epochs=4 or rims.k_active=5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def env_family(env_id: str) -> str:
+    """``atari``, ``minigrid`` or ``classic``, by the env id."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id or "Deterministic-v" in env_id:
+        return "atari"
+    if env_id.startswith(("MiniGrid-", "BabyAI-", "RIMAgents/Pickup")):
+        return "minigrid"
+    return "classic"
+
+
+def load_config(
+    env: str | None = None,
+    core: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Resolve a config: defaults < family YAML (and its core section) < file < flags < overrides.
+
+    :param env: env id (may also come from the file or the overrides).
+    :param core: core name (likewise).
+    :param config_file: a user YAML file, same schema as ``configs/*.yaml``.
+    :param overrides: ``KEY=VALUE`` strings with dotted keys.
+    :param flags: top-level keys set by dedicated command-line flags (``seed``, ``n_envs``, ...).
+    """
+    user = read_yaml(Path(config_file)) if config_file is not None else {}
+    layers = [parse_override(o) for o in overrides or []]
+    top: dict[str, Any] = {}
+    for layer in [user, {"env": env, "core": core}, *layers]:
+        top.update({k: v for k, v in layer.items() if k in ("env", "core") and v is not None})
+    env_id = top.get("env")
+    chosen_core = top.get("core", "rims")
+    if not env_id:
+        raise ConfigError("no environment given: pass --env ENV_ID (e.g. BreakoutNoFrameskip-v4)")
+    if chosen_core not in ("rims", "lstm", "gru"):
+        raise ConfigError(f"unknown core {chosen_core!r}: choose one of rims, lstm, gru")
+
+    config = TrainConfig()
+    family_file = CONFIG_DIR / f"{env_family(env_id)}.yaml"
+    if family_file.is_file():
+        apply_layer(config, read_yaml(family_file), chosen_core)
+    apply_layer(config, user, chosen_core)
+    config.env, config.core = str(env_id), str(chosen_core)
+    _merge(config, {k: v for k, v in (flags or {}).items() if v is not None})
+    for layer in layers:
+        _merge(config, layer)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need more than one key, or a range."""
+    from rim_agents.extractors import EXTRACTORS
+
+    if config.core not in ("rims", "lstm", "gru"):
+        raise ConfigError(f"unknown core {config.core!r}: choose one of rims, lstm, gru")
+    for key in ("n_envs", "total_timesteps"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"config key {key} must be positive, got {getattr(config, key)}")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise ConfigError(f"device {config.device!r} is not auto, cpu or cuda")
+    _validate_schedule(config.ppo.learning_rate, "ppo.learning_rate")
+    _validate_schedule(config.ppo.clip_range, "ppo.clip_range")
+    ppo = config.ppo
+    if ppo.n_steps < 1 or ppo.batch_size < 1 or ppo.n_epochs < 1:
+        raise ConfigError("ppo.n_steps, ppo.batch_size and ppo.n_epochs must be positive")
+    if ppo.seq_len is not None:
+        if ppo.seq_len < 1 or ppo.n_steps % ppo.seq_len:
+            raise ConfigError(f"ppo.seq_len={ppo.seq_len} must be a positive divisor of ppo.n_steps={ppo.n_steps}")
+        if ppo.batch_size % ppo.seq_len:
+            raise ConfigError(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.seq_len={ppo.seq_len}")
+    if config.policy.features_extractor not in EXTRACTORS:
+        raise ConfigError(
+            f"unknown policy.features_extractor {config.policy.features_extractor!r}: "
+            f"choose one of {', '.join(EXTRACTORS)}"
+        )
+    if config.core == "rims":
+        from rim_agents.rim import RIMCell
+
+        try:
+            RIMCell(8, **dataclasses.asdict(config.rims))
+        except ValueError as e:
+            raise ConfigError(f"invalid rims settings: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a resolved config (as saved in a run directory), strictly."""
+    config = TrainConfig()
+    _merge(config, data)
+    validate(config)
+    return config
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

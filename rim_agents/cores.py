@@ -1,0 +1,92 @@
+"""Recurrent cores by name, and one way to unroll any of them across episode starts.
+
+Every core follows ``nn.LSTM``'s calling convention, which is what sb3-contrib relies on:
+attributes ``input_size``, ``hidden_size``, ``num_layers`` and
+``out, (h, c) = core(x, (h0, c0))`` with time-first ``x``.
+
+- ``rims``: :class:`rim_agents.rim.RIMCore`, which resets states inside its own time loop.
+- ``lstm``: sb3-contrib's own ``nn.LSTM``, untouched (the baseline).
+- ``gru``: ``nn.GRU`` behind :class:`GRUCore`, which returns a zero cell state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch as th
+from torch import nn
+
+from rim_agents.rim import RIMCore
+
+CORES = ("rims", "lstm", "gru")
+State = tuple[th.Tensor, th.Tensor]
+
+
+class GRUCore(nn.Module):
+    """``nn.GRU`` with ``nn.LSTM``'s ``(h, c)`` state convention; ``c`` is always zero.
+
+    :param input_size: input width.
+    :param hidden_size: hidden width.
+    :param num_layers: stacked layers.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        self.gru = nn.GRU(input_size, hidden_size, num_layers=num_layers, **kwargs)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+
+    def forward(self, x: th.Tensor, state: State | None = None) -> tuple[th.Tensor, State]:
+        h0 = None if state is None else state[0]
+        out, h = self.gru(x, h0)
+        return out, (h, th.zeros_like(h))
+
+
+def core_hidden_size(core: str, lstm_hidden_size: int, core_kwargs: dict[str, Any]) -> int:
+    """Width of the core's output and flat state."""
+    if core == "rims":
+        return int(core_kwargs.get("num_units", 6)) * int(core_kwargs.get("unit_size", 64))
+    return lstm_hidden_size
+
+
+def build_core(
+    core: str, input_size: int, lstm_hidden_size: int, n_layers: int, core_kwargs: dict[str, Any]
+) -> nn.Module:
+    """A recurrent core by name.
+
+    :param core: ``"rims"``, ``"lstm"`` or ``"gru"``.
+    :param input_size: width of the input vector (or of each token for ``rims`` with tokens).
+    :param lstm_hidden_size: hidden width of ``lstm`` and ``gru``.
+    :param n_layers: layers of ``lstm`` and ``gru`` (``rims`` has one).
+    :param core_kwargs: keyword arguments of the core's constructor.
+    """
+    if core == "rims":
+        if n_layers != 1:
+            raise ValueError(f"n_lstm_layers={n_layers} is not supported by the rims core: it has one layer")
+        return RIMCore(input_size, **core_kwargs)
+    if core == "lstm":
+        return nn.LSTM(input_size, lstm_hidden_size, num_layers=n_layers, **core_kwargs)
+    if core == "gru":
+        return GRUCore(input_size, lstm_hidden_size, num_layers=n_layers, **core_kwargs)
+    raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
+
+
+def unroll(core: nn.Module, x: th.Tensor, state: State, episode_starts: th.Tensor) -> tuple[th.Tensor, State]:
+    """Run ``core`` over ``x`` ``(T, B, ...)``, zeroing an element's state where its episode starts.
+
+    :class:`RIMCore` handles ``episode_starts`` ``(T, B)`` inside its own loop. Other cores run one
+    fused call per stretch of time without a reset (one call when no element resets after t=0),
+    instead of sb3-contrib's call per step.
+    """
+    if isinstance(core, RIMCore):
+        return core(x, state, episode_starts=episode_starts)
+    starts = episode_starts.bool()
+    any_start = starts.any(dim=1)
+    boundaries = [0, *(th.nonzero(any_start[1:]).flatten() + 1).tolist(), x.shape[0]]
+    outs = []
+    h, c = state
+    for t0, t1 in itertools.pairwise(boundaries):
+        keep = (~starts[t0]).to(h.dtype).view(1, -1, 1)
+        out, (h, c) = core(x[t0:t1], (h * keep, c * keep))
+        outs.append(out)
+    return th.cat(outs) if len(outs) > 1 else outs[0], (h, c)

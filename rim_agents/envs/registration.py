@@ -1,0 +1,25 @@
+"""Registration of ALE's games and of this package's environments with gymnasium."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+_registered = False
+
+
+def register_envs() -> None:
+    """Register ALE's ids and ours (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import ale_py
+
+    gym.register_envs(ale_py)
+    if "RIMAgents/CartPoleNoVel-v1" not in gym.registry:
+        gym.register(
+            "RIMAgents/CartPoleNoVel-v1",
+            entry_point="rim_agents.envs.classic:CartPoleNoVelocity",
+            max_episode_steps=500,
+            reward_threshold=475.0,
+        )
+    _registered = True

@@ -1,0 +1,114 @@
+"""Feature extractors: what the recurrent core reads.
+
+- Atari: SB3's ``NatureCNN`` (one vector per frame), or :class:`NatureCNNTokens`, the same
+  convolutions giving the final 7x7 feature map as 49 tokens with a learned position embedding
+  (for the RIM core's spatial input attention).
+- MiniGrid: :class:`MiniGridExtractor` for the dict observation (egocentric ``image`` of cell
+  indices plus ``target``); SB3's NatureCNN cannot take a 7x7 image.
+- Vectors: SB3's ``FlattenExtractor`` (the policy's ``net_arch`` adds the MLP).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import torch as th
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, NatureCNN
+from torch import nn
+
+
+class NatureCNNTokens(BaseFeaturesExtractor):
+    """NatureCNN's three convolutions; the final feature map as a set of tokens.
+
+    Output: ``(B, N * C)``, the flattening of ``N = H' * W'`` tokens of width ``C`` (64), each the
+    feature vector of one cell plus a learned embedding of its position. ``token_shape`` is
+    ``(N, C)``; the policy unflattens before the core.
+
+    :param observation_space: a channel-first image space.
+    :param normalized_image: whether the images are already in [0, 1].
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, normalized_image: bool = False) -> None:
+        n_channels = observation_space.shape[0]
+        cnn = nn.Sequential(
+            nn.Conv2d(n_channels, 32, kernel_size=8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),
+            nn.ReLU(),
+        )
+        with th.no_grad():
+            out = cnn(th.as_tensor(observation_space.sample()[None]).float())
+        C, H, W = out.shape[1:]
+        super().__init__(observation_space, features_dim=C * H * W)
+        self.cnn = cnn
+        self.token_shape = (H * W, C)
+        self.position = nn.Parameter(th.zeros(H * W, C))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        fmap = self.cnn(observations)  # (B, C, H, W)
+        tokens = fmap.flatten(2).transpose(1, 2) + self.position  # (B, N, C)
+        return tokens.flatten(1)
+
+
+class MiniGridExtractor(BaseFeaturesExtractor):
+    """Dict observation ``{"image": (V, V, 3) cell indices, "target": (type, colour)}`` to a vector.
+
+    Each cell's (object, colour, state) indices are embedded and summed, two 3x3 convolutions keep
+    the ``V x V`` grid, and the target (one-hot, as SB3 encodes a ``MultiDiscrete`` space) is
+    embedded and concatenated before a final linear layer.
+
+    :param observation_space: ``Dict`` with ``image`` (``Box`` of integer indices, channel last) and
+        optionally ``target`` (``MultiDiscrete``).
+    :param features_dim: output width.
+    :param embed_dim: width of each index embedding.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Dict, features_dim: int = 128, embed_dim: int = 16) -> None:
+        super().__init__(observation_space, features_dim)
+        image_space = observation_space["image"]
+        if not isinstance(image_space, gym.spaces.Box) or len(image_space.shape) != 3 or image_space.shape[2] != 3:
+            raise ValueError(
+                f"MiniGridExtractor needs an 'image' Box of shape (V, V, 3), got {image_space}: "
+                "use the rim_agents MiniGrid environments"
+            )
+        V = image_space.shape[0]
+        self.max_index = int(image_space.high.max()) + 1
+        self.embed = nn.Embedding(3 * self.max_index, embed_dim)
+        self.register_buffer("offsets", th.arange(3) * self.max_index, persistent=False)
+        self.conv = nn.Sequential(
+            nn.Conv2d(embed_dim, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        target_dim = get_flattened_obs_dim(observation_space["target"]) if "target" in observation_space.spaces else 0
+        self.target = nn.Linear(target_dim, embed_dim) if target_dim else None
+        self.head = nn.Sequential(nn.Linear(64 * V * V + (embed_dim if target_dim else 0), features_dim), nn.ReLU())
+
+    def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+        offsets: th.Tensor = self.offsets  # type: ignore[assignment]
+        idx = observations["image"].long().clamp_(0, self.max_index - 1) + offsets  # (B, V, V, 3)
+        grid = self.embed(idx).sum(dim=3).permute(0, 3, 1, 2)  # (B, E, V, V)
+        parts = [self.conv(grid)]
+        if self.target is not None:
+            parts.append(self.target(observations["target"].float()))
+        return self.head(th.cat(parts, dim=1))
+
+
+EXTRACTORS: dict[str, type[BaseFeaturesExtractor]] = {
+    "nature_cnn": NatureCNN,
+    "nature_cnn_tokens": NatureCNNTokens,
+    "minigrid": MiniGridExtractor,
+    "flatten": FlattenExtractor,
+}
+
+
+def extractor_class(name: str) -> type[BaseFeaturesExtractor]:
+    """A feature extractor by its config name."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown features_extractor {name!r}: choose one of {', '.join(EXTRACTORS)}")
+    return EXTRACTORS[name]

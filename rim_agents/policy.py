@@ -1,0 +1,158 @@
+"""A recurrent actor-critic policy for sb3-contrib's ``RecurrentPPO`` with a core chosen by name.
+
+``RIMPolicy(core="rims" | "lstm" | "gru", core_kwargs=...)`` is a ``RecurrentActorCriticPolicy``
+whose ``lstm_actor`` (and ``lstm_critic`` with ``enable_critic_lstm``) is that core. Everything
+else (feature extractor, MLP heads, shared / critic-core options, ``predict`` with state) is
+sb3-contrib's. Differences:
+
+- the optimizer is rebuilt after the swap, so the new core is trained;
+- the sequence is unrolled by :func:`rim_agents.cores.unroll`: one loop over time inside the
+  RIM core with episode starts handled there, one fused call per reset-free stretch for
+  ``nn.LSTM`` / ``nn.GRU``, instead of sb3-contrib's per-step loop whenever a minibatch holds an
+  episode start;
+- a token extractor (``NatureCNNTokens``) feeds the RIM core a set of tokens per step;
+- the constructor parameters include the core's, so ``policy.save`` / ``load`` round-trips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch as th
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, NatureCNN
+from stable_baselines3.common.type_aliases import Schedule
+from torch import nn
+
+from rim_agents.cores import CORES, build_core, core_hidden_size, unroll
+from rim_agents.rim import RIMCore
+
+
+class RIMPolicy(RecurrentActorCriticPolicy):
+    """Recurrent actor-critic policy with a RIM, LSTM or GRU core.
+
+    :param observation_space: observation space.
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule.
+    :param core: ``"rims"`` (:class:`rim_agents.RIMCore`), ``"lstm"`` (``nn.LSTM``, as in
+        sb3-contrib) or ``"gru"``.
+    :param core_kwargs: keyword arguments of the core's constructor (``RIMCore``'s for ``rims``;
+        for ``lstm`` and ``gru`` they join ``lstm_kwargs``).
+    :param lstm_hidden_size: hidden width of ``lstm`` and ``gru``; ignored by ``rims``, whose width
+        is ``num_units * unit_size``.
+    :param n_lstm_layers: layers of ``lstm`` and ``gru``.
+    :param shared_lstm: the critic reuses the actor's core output (without gradient).
+    :param enable_critic_lstm: the critic has its own core.
+    :param lstm_kwargs: extra keyword arguments of ``nn.LSTM`` / ``nn.GRU``.
+    :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
+        ``features_extractor_class``, ...).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Space,
+        action_space: gym.spaces.Space,
+        lr_schedule: Schedule,
+        core: str = "rims",
+        core_kwargs: dict[str, Any] | None = None,
+        lstm_hidden_size: int = 256,
+        n_lstm_layers: int = 1,
+        shared_lstm: bool = False,
+        enable_critic_lstm: bool = True,
+        lstm_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if core not in CORES:
+            raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
+        self.core_name = core
+        self.core_kwargs = dict(core_kwargs or {})
+        self._lstm_hidden_size = lstm_hidden_size
+        lstm_kwargs = dict(lstm_kwargs or {})
+        if core == "lstm":
+            lstm_kwargs.update(self.core_kwargs)
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            lstm_hidden_size=core_hidden_size(core, lstm_hidden_size, self.core_kwargs),
+            n_lstm_layers=n_lstm_layers,
+            shared_lstm=shared_lstm,
+            enable_critic_lstm=enable_critic_lstm,
+            lstm_kwargs=lstm_kwargs,
+            **kwargs,
+        )
+        token_shape = getattr(self.pi_features_extractor, "token_shape", None)
+        # The RIM core reads tokens; nn.LSTM / nn.GRU read their flattening.
+        self.core_input_shape: tuple[int, ...] = (
+            tuple(token_shape) if core == "rims" and token_shape is not None else (self.features_dim,)
+        )
+        if core != "lstm":
+            build = {**lstm_kwargs, **self.core_kwargs} if core == "gru" else self.core_kwargs
+            input_size = self.core_input_shape[-1]
+            # sb3-contrib types these as nn.LSTM; every core follows its calling convention.
+            self.lstm_actor = build_core(core, input_size, lstm_hidden_size, n_lstm_layers, build)  # type: ignore[assignment]
+            if self.lstm_critic is not None:
+                self.lstm_critic = build_core(core, input_size, lstm_hidden_size, n_lstm_layers, build)  # type: ignore[assignment]
+            self.to(self.device)
+            # The base class built its optimizer over the nn.LSTM we just replaced.
+            self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
+                self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+            )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            core=self.core_name,
+            core_kwargs=self.core_kwargs,
+            lstm_hidden_size=self._lstm_hidden_size,
+            n_lstm_layers=self.lstm_actor.num_layers,
+            shared_lstm=self.shared_lstm,
+            enable_critic_lstm=self.enable_critic_lstm,
+            lstm_kwargs={k: v for k, v in self.lstm_kwargs.items() if k not in self.core_kwargs},
+        )
+        return data
+
+    def rim_cores(self) -> list[RIMCore]:
+        """The RIM cores of this policy (actor first), empty for other cores."""
+        cores: list[nn.Module | None] = [self.lstm_actor, self.lstm_critic]
+        return [m for m in cores if isinstance(m, RIMCore)]
+
+    def _process_sequence(  # type: ignore[override]
+        self,
+        features: th.Tensor,
+        lstm_states: tuple[th.Tensor, th.Tensor],
+        episode_starts: th.Tensor,
+        lstm: nn.Module,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """Unroll the core over a batch of sequences.
+
+        :param features: ``(n_seq * T, features_dim)``, sequence-major.
+        :param lstm_states: ``(h, c)``, each ``(n_layers, n_seq, hidden)``.
+        :param episode_starts: ``(n_seq * T,)``.
+        :return: core output ``(n_seq * T, hidden)`` and the final states.
+        """
+        n_seq = lstm_states[0].shape[1]
+        x = features.reshape(n_seq, -1, *self.core_input_shape).transpose(0, 1)
+        starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
+        out, states = unroll(lstm, x, lstm_states, starts)
+        return out.transpose(0, 1).flatten(0, 1), states
+
+
+class CnnRIMPolicy(RIMPolicy):
+    """:class:`RIMPolicy` with SB3's ``NatureCNN`` as the default feature extractor."""
+
+    def __init__(self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN, **kwargs: Any):
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+
+
+class MultiInputRIMPolicy(RIMPolicy):
+    """:class:`RIMPolicy` with SB3's ``CombinedExtractor`` as the default feature extractor."""
+
+    def __init__(
+        self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor, **kwargs: Any
+    ):
+        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+
+
+MlpRIMPolicy = RIMPolicy

@@ -1,0 +1,182 @@
+"""``RIMPPO``: sb3-contrib's ``RecurrentPPO`` with our policies and a padding-free sequence sampler.
+
+sb3-contrib cuts each minibatch into sequences at every episode start and pads them to the longest
+one, so the feature extractor (a CNN on Atari) also runs on the padding, and the core runs a
+per-step loop. Our cores take episode starts *inside* a sequence (see
+:func:`rim_agents.cores.unroll`), so ``RIMPPO`` samples fixed-length chunks instead:
+
+- each env's rollout of ``n_steps`` is cut into chunks of ``seq_len`` steps;
+- a minibatch is ``batch_size / seq_len`` chunks drawn in random order, each starting from the
+  core state stored during the rollout, with episode starts passed to the core where they fall;
+- no padding, so the CNN sees exactly ``batch_size`` observations and the loss mask is all ones.
+
+``seq_len=None`` keeps sb3-contrib's sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import (
+    RecurrentDictRolloutBufferSamples,
+    RecurrentRolloutBufferSamples,
+    RNNStates,
+)
+from stable_baselines3.common.policies import BasePolicy
+
+from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy
+
+_STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
+_FLAT_ARRAYS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts", *_STATE_ARRAYS)
+
+
+class _ChunkSampler:
+    """Mixin for sb3-contrib's recurrent rollout buffers: fixed-length chunks, no padding."""
+
+    seq_len: int
+    buffer_size: int
+    n_envs: int
+    generator_ready: bool
+    full: bool
+    observations: Any
+
+    def _prepare(self) -> None:
+        # (n_steps, n_layers, n_envs, dim) -> (n_steps, n_envs, n_layers, dim), then every array
+        # (n_steps, n_envs, ...) -> (n_envs * n_steps, ...), env-major so that a chunk is contiguous.
+        for name in _STATE_ARRAYS:
+            self.__dict__[name] = self.__dict__[name].swapaxes(1, 2)
+        for name in _FLAT_ARRAYS:
+            self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])  # type: ignore[attr-defined]
+        if isinstance(self.observations, dict):
+            for key, obs in self.observations.items():
+                self.observations[key] = self.swap_and_flatten(obs)  # type: ignore[attr-defined]
+        else:
+            self.observations = self.swap_and_flatten(self.observations)  # type: ignore[attr-defined]
+        self.generator_ready = True
+
+    def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
+        assert self.full, "Rollout buffer must be full before sampling from it"
+        if not self.generator_ready:
+            self._prepare()
+        total = self.buffer_size * self.n_envs
+        batch_size = total if batch_size is None else batch_size
+        chunks_per_batch = batch_size // self.seq_len
+        # Chunk starts, env-major: env e's chunk j starts at e * n_steps + j * seq_len.
+        starts = np.arange(0, total, self.seq_len)
+        order = np.random.permutation(len(starts))
+        for i in range(0, len(order), chunks_per_batch):
+            yield self._chunk_samples(starts[order[i : i + chunks_per_batch]])
+
+    def _chunk_samples(self, chunk_starts: np.ndarray) -> Any:
+        inds = (chunk_starts[:, None] + np.arange(self.seq_len)[None, :]).ravel()
+        to_torch = self.to_torch  # type: ignore[attr-defined]
+
+        def states(h: str, c: str) -> tuple[th.Tensor, th.Tensor]:
+            # (n_seq, n_layers, dim) -> (n_layers, n_seq, dim)
+            h_t, c_t = (to_torch(self.__dict__[n][chunk_starts].swapaxes(0, 1)).contiguous() for n in (h, c))
+            return h_t, c_t
+
+        if isinstance(self.observations, dict):
+            observations: Any = {key: to_torch(obs[inds]) for key, obs in self.observations.items()}
+            sample_cls: Any = RecurrentDictRolloutBufferSamples
+        else:
+            observations = to_torch(self.observations[inds])
+            sample_cls = RecurrentRolloutBufferSamples
+        returns = self.returns[inds].flatten()  # type: ignore[attr-defined]
+        return sample_cls(
+            observations=observations,
+            actions=to_torch(self.actions[inds]),  # type: ignore[attr-defined]
+            old_values=to_torch(self.values[inds].flatten()),  # type: ignore[attr-defined]
+            old_log_prob=to_torch(self.log_probs[inds].flatten()),  # type: ignore[attr-defined]
+            advantages=to_torch(self.advantages[inds].flatten()),  # type: ignore[attr-defined]
+            returns=to_torch(returns),
+            lstm_states=RNNStates(
+                states("hidden_states_pi", "cell_states_pi"), states("hidden_states_vf", "cell_states_vf")
+            ),
+            episode_starts=to_torch(self.episode_starts[inds].flatten()),  # type: ignore[attr-defined]
+            mask=to_torch(np.ones_like(returns)),
+        )
+
+
+class ChunkedRecurrentRolloutBuffer(_ChunkSampler, RecurrentRolloutBuffer):
+    """``RecurrentRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
+
+    def __init__(self, *args: Any, seq_len: int, **kwargs: Any) -> None:
+        self.seq_len = seq_len
+        super().__init__(*args, **kwargs)
+
+
+class ChunkedRecurrentDictRolloutBuffer(_ChunkSampler, RecurrentDictRolloutBuffer):
+    """``RecurrentDictRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
+
+    def __init__(self, *args: Any, seq_len: int, **kwargs: Any) -> None:
+        self.seq_len = seq_len
+        super().__init__(*args, **kwargs)
+
+
+class RIMPPO(RecurrentPPO):
+    """``RecurrentPPO`` with the RIM policies' aliases and the chunked sampler.
+
+    :param policy: a policy class or alias (``"MlpRIMPolicy"``, ``"CnnRIMPolicy"``,
+        ``"MultiInputRIMPolicy"``, or sb3-contrib's LSTM aliases).
+    :param env: the environment.
+    :param seq_len: training sequence length; must divide ``n_steps`` and ``batch_size``.
+        ``None`` keeps sb3-contrib's padded sampler.
+    :param kwargs: ``RecurrentPPO``'s arguments.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        **RecurrentPPO.policy_aliases,
+        "MlpRIMPolicy": MlpRIMPolicy,
+        "CnnRIMPolicy": CnnRIMPolicy,
+        "MultiInputRIMPolicy": MultiInputRIMPolicy,
+    }
+
+    def __init__(
+        self,
+        policy: str | type[RecurrentActorCriticPolicy],
+        env: Any,
+        seq_len: int | None = 32,
+        _init_setup_model: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.seq_len = seq_len
+        super().__init__(policy, env, _init_setup_model=False, **kwargs)
+        if seq_len is not None:
+            n_steps, batch_size = self.n_steps, self.batch_size
+            if seq_len < 1 or n_steps % seq_len != 0:
+                raise ValueError(f"seq_len={seq_len} must be a positive divisor of n_steps={n_steps}")
+            if batch_size is None or batch_size % seq_len != 0:
+                raise ValueError(f"batch_size={batch_size} must be a multiple of seq_len={seq_len}")
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.seq_len is None:
+            return
+        lstm: Any = self.policy.lstm_actor
+        hidden_state_buffer_shape = (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size)
+        buffer_cls = (
+            ChunkedRecurrentDictRolloutBuffer
+            if isinstance(self.observation_space, spaces.Dict)
+            else ChunkedRecurrentRolloutBuffer
+        )
+        self.rollout_buffer = buffer_cls(
+            self.n_steps,
+            self.observation_space,
+            self.action_space,
+            hidden_state_buffer_shape,
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+            seq_len=self.seq_len,
+        )

@@ -1,0 +1,221 @@
+"""One training run: build env and model from a config, train, and keep a complete run directory.
+
+Run directory layout::
+
+    config.yaml            resolved config (defaults < YAML < command line)
+    command.txt            the command that started (or resumed) the run
+    versions.json          package versions and git commit
+    tb/                    TensorBoard logs (and progress.csv)
+    checkpoints/step_N.zip periodic checkpoints, written atomically
+    final_model.zip        the trained model, written last: a run without it is not finished
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv
+
+from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback
+from rim_agents.checkpoints import (
+    FINAL_MODEL,
+    atomic_write_text,
+    checkpoint_path,
+    latest_checkpoint,
+    save_model,
+)
+from rim_agents.config import TrainConfig, config_from_dict
+from rim_agents.envs import make_vec_env
+from rim_agents.errors import UsageError
+from rim_agents.extractors import extractor_class
+from rim_agents.policy import RIMPolicy
+from rim_agents.ppo import RIMPPO
+
+CONFIG_FILE = "config.yaml"
+PACKAGES = ("rim-agents", "torch", "gymnasium", "ale-py", "stable-baselines3", "sb3-contrib", "minigrid", "numpy")
+
+
+def schedule(value: float | str) -> float | LinearSchedule:
+    """``"lin_X"`` -> linear decay from X to 0 over training; a number -> constant."""
+    if isinstance(value, str):
+        return LinearSchedule(float(value[4:]), 0.0, 1.0)
+    return float(value)
+
+
+def policy_kwargs(config: TrainConfig) -> dict[str, Any]:
+    p = config.policy
+    return {
+        "core": config.core,
+        "core_kwargs": dataclasses.asdict(config.rims) if config.core == "rims" else {},
+        "lstm_hidden_size": p.lstm_hidden_size,
+        "n_lstm_layers": p.n_lstm_layers,
+        "enable_critic_lstm": p.enable_critic_lstm,
+        "shared_lstm": p.shared_lstm,
+        "ortho_init": p.ortho_init,
+        "normalize_images": p.normalize_images,
+        "net_arch": list(p.net_arch),
+        "features_extractor_class": extractor_class(p.features_extractor),
+        "features_extractor_kwargs": dict(p.features_extractor_kwargs),
+    }
+
+
+def make_env(config: TrainConfig, seed: int | None = None, n_envs: int | None = None) -> VecEnv:
+    options = dataclasses.asdict(config.env_options)
+    return make_vec_env(config.env, n_envs or config.n_envs, config.seed if seed is None else seed, **options)
+
+
+def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
+    """A fresh model for ``config`` on ``env``; bad settings raise :class:`UsageError`."""
+    ppo = config.ppo
+    if isinstance(env.observation_space, spaces.Dict) and config.policy.features_extractor not in ("minigrid",):
+        raise UsageError(f"environment {config.env} has dict observations: set policy.features_extractor=minigrid")
+    try:
+        return RIMPPO(
+            RIMPolicy,
+            env,
+            seq_len=ppo.seq_len,
+            n_steps=ppo.n_steps,
+            batch_size=ppo.batch_size,
+            n_epochs=ppo.n_epochs,
+            learning_rate=schedule(ppo.learning_rate),
+            clip_range=schedule(ppo.clip_range),
+            ent_coef=ppo.ent_coef,
+            vf_coef=ppo.vf_coef,
+            gamma=ppo.gamma,
+            gae_lambda=ppo.gae_lambda,
+            max_grad_norm=ppo.max_grad_norm,
+            normalize_advantage=ppo.normalize_advantage,
+            target_kl=ppo.target_kl,
+            policy_kwargs=policy_kwargs(config),
+            seed=config.seed,
+            device=config.device,
+            verbose=0,
+        )
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise UsageError(f"cannot build the model: {str(e).splitlines()[0]}") from None
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    env = config.env.replace("/", "-")
+    return Path("runs") / f"{env}_{config.core}_s{config.seed}_{stamp}"
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config saved in a run directory."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG_FILE}): pass a folder written by train.py")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UsageError(f"{path} is not valid YAML: the run directory is damaged") from None
+    return config_from_dict(data)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    command: list[str] | None = None,
+    progress_bar: bool = False,
+    extra_callbacks: list[BaseCallback] | None = None,
+) -> Path:
+    """Train ``config`` and return the run directory.
+
+    :param config: the resolved config.
+    :param run_dir: where to write; a fresh timestamped folder under ``runs/`` when None.
+    :param resume: continue the run in ``run_dir`` from its newest checkpoint, with the step counter
+        and the schedules where they were, up to ``config.total_timesteps``.
+    :param command: the command line to record.
+    :param progress_bar: show a progress bar.
+    :param extra_callbacks: more SB3 callbacks.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UsageError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*.zip)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"run directory {run_dir} already exists and is not empty: pass --resume or another --run-dir")
+
+    # Everything that can fail on bad input happens before the run directory is written.
+    env = make_env(config)
+    if checkpoint is not None:
+        try:
+            model = RIMPPO.load(checkpoint, env=env, device=config.device)
+        except Exception as e:  # a damaged zip, a pickle from elsewhere
+            env.close()
+            raise UsageError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            model = build_model(config, env)
+        except UsageError:
+            env.close()
+            raise
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    cmd = " ".join(command or sys.argv)
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(("resume: " if resume else "") + cmd + "\n")
+    atomic_write_text(run_dir / "versions.json", json.dumps(versions(), indent=2) + "\n")
+    model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
+
+    callbacks: list[BaseCallback] = []
+    if config.checkpoint_freq > 0:
+        callbacks.append(CheckpointCallback(run_dir, config.checkpoint_freq))
+    if config.core == "rims":
+        callbacks.append(RIMActivityCallback(config.rim_log_freq, config.rim_image_freq))
+    callbacks += extra_callbacks or []
+
+    remaining = config.total_timesteps - model.num_timesteps
+    try:
+        if remaining > 0:
+            model.learn(
+                total_timesteps=remaining,
+                callback=CallbackList(callbacks),
+                reset_num_timesteps=not resume,
+                progress_bar=progress_bar,
+            )
+    except BaseException:
+        # Keep what was trained: an interrupted run can be resumed from here.
+        if model.num_timesteps > 0:
+            save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+        raise
+    finally:
+        env.close()
+    save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+    save_model(model, run_dir / FINAL_MODEL)
+    return run_dir
