@@ -15,6 +15,7 @@ per-step loop. Our cores take episode starts *inside* a sequence (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from typing import Any, ClassVar
 
@@ -128,7 +129,8 @@ class RIMPPO(RecurrentPPO):
         ``"MultiInputRIMPolicy"``, or sb3-contrib's LSTM aliases).
     :param env: the environment.
     :param seq_len: training sequence length; must divide ``n_steps`` and ``batch_size``.
-        ``None`` keeps sb3-contrib's padded sampler.
+        ``"auto"``: the largest length up to 32 that divides both. ``None`` keeps sb3-contrib's
+        padded sampler.
     :param kwargs: ``RecurrentPPO``'s arguments.
     """
 
@@ -143,12 +145,16 @@ class RIMPPO(RecurrentPPO):
         self,
         policy: str | type[RecurrentActorCriticPolicy],
         env: Any,
-        seq_len: int | None = 32,
+        seq_len: int | str | None = "auto",
         _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.seq_len = seq_len
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
+        if seq_len == "auto":
+            seq_len = math.gcd(self.n_steps, self.batch_size or self.n_steps, 32)
+        if not (seq_len is None or isinstance(seq_len, int)):
+            raise ValueError(f"seq_len={seq_len!r} must be an integer, 'auto' or None")
+        self.seq_len = seq_len
         if seq_len is not None:
             n_steps, batch_size = self.n_steps, self.batch_size
             if seq_len < 1 or n_steps % seq_len != 0:

@@ -5,7 +5,7 @@ Run directory layout::
     config.yaml            resolved config (defaults < YAML < command line)
     command.txt            the command that started (or resumed) the run
     versions.json          package versions and git commit
-    tb/                    TensorBoard logs (and progress.csv)
+    tb/                    TensorBoard logs, progress.csv (and progress_resume<step>.csv)
     checkpoints/step_N.zip periodic checkpoints, written atomically
     final_model.zip        the trained model, written last: a run without it is not finished
 """
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -191,7 +191,11 @@ def train(
     with open(run_dir / "command.txt", "a") as f:
         f.write(("resume: " if resume else "") + cmd + "\n")
     atomic_write_text(run_dir / "versions.json", json.dumps(versions(), indent=2) + "\n")
-    model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
+    # A resumed run writes a CSV of its own beside the first (SB3 would truncate progress.csv).
+    suffix = f"_resume{model.num_timesteps}" if resume else ""
+    tb_dir = str(run_dir / "tb")
+    formats = [make_output_format("tensorboard", tb_dir), make_output_format("csv", tb_dir, suffix)]
+    model.set_logger(Logger(tb_dir, formats))
 
     callbacks: list[BaseCallback] = []
     if config.checkpoint_freq > 0:

@@ -1,0 +1,92 @@
+"""PPO training throughput (env steps per second, rollout + update) on Breakout.
+
+Setting: BreakoutNoFrameskip-v4, 8 envs x 128 steps, minibatch 256, 4 epochs (the zoo recipe).
+Variants, all in this process and interleaved round by round:
+
+- ``ppo-cnn``: feed-forward PPO with SB3's ``CnnPolicy`` (4 stacked frames);
+- ``stock-lstm``: sb3-contrib ``RecurrentPPO`` with ``CnnLstmPolicy``, 128 hidden, no critic LSTM;
+- ``ours-lstm``: ``RIMPPO`` + ``RIMPolicy(core="lstm")``, 128 hidden (configs/atari.yaml);
+- ``ours-rims``: ``RIMPPO`` + ``RIMPolicy(core="rims")`` with configs/atari.yaml's RIM settings.
+
+Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
+iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
+
+    python benchmarks/train_throughput.py [--rounds 3] [--updates 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch as th
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+
+from rim_agents.config import load_config
+from rim_agents.training import build_model, make_env
+
+ENV = "BreakoutNoFrameskip-v4"
+COMMON: dict[str, Any] = {
+    "n_steps": 128,
+    "batch_size": 256,
+    "n_epochs": 4,
+    "learning_rate": 2.5e-4,
+    "clip_range": 0.1,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+}
+
+
+def build(name: str, seed: int) -> Any:
+    config = load_config(ENV, "rims" if name == "ours-rims" else "lstm", flags={"seed": seed, "device": "cpu"})
+    env = make_env(config)
+    if name == "ppo-cnn":
+        return PPO("CnnPolicy", env, seed=seed, device="cpu", **COMMON)
+    if name == "stock-lstm":
+        return RecurrentPPO(
+            "CnnLstmPolicy",
+            env,
+            seed=seed,
+            device="cpu",
+            policy_kwargs={"lstm_hidden_size": 128, "enable_critic_lstm": False},
+            **COMMON,
+        )
+    return build_model(config, env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=2, help="PPO iterations per timed round")
+    parser.add_argument(
+        "--variants", default="ppo-cnn,stock-lstm,ours-lstm,ours-rims", help="comma-separated subset to run"
+    )
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    models = {name: build(name, seed=0) for name in names}
+    steps_per_update = 8 * 128
+    for model in models.values():  # warm-up: one iteration each
+        model.learn(steps_per_update)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.learn(args.updates * steps_per_update, reset_num_timesteps=False)
+            rates[name].append(args.updates * steps_per_update / (time.perf_counter() - start))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    print(
+        f"{ENV}, 8 envs x 128 steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
+        f"{th.get_num_threads()} torch threads"
+    )
+    print(f"{'variant':<12}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}   all rounds")
+    for name, m in med.items():
+        vs_stock = f"{m / med['stock-lstm']:.2f}x" if "stock-lstm" in med else "-"
+        vs_ff = f"{m / med['ppo-cnn']:.2f}x" if "ppo-cnn" in med else "-"
+        print(f"{name:<12}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}   {', '.join(f'{r:.1f}' for r in rates[name])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Configuration: layering, strict keys and types, schedules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from stable_baselines3.common.utils import LinearSchedule
+
+from rim_agents.config import CONFIG_DIR, ConfigError, env_family, load_config, parse_override, read_yaml
+from rim_agents.training import schedule
+
+
+def test_family_defaults_and_core_sections() -> None:
+    rims = load_config("BreakoutNoFrameskip-v4", "rims")
+    lstm = load_config("BreakoutNoFrameskip-v4", "lstm")
+    # The zoo recipe, shared by every core.
+    for cfg in (rims, lstm):
+        assert (cfg.n_envs, cfg.ppo.n_steps, cfg.ppo.batch_size, cfg.ppo.n_epochs) == (8, 128, 256, 4)
+        assert (cfg.ppo.learning_rate, cfg.ppo.clip_range) == ("lin_2.5e-4", "lin_0.1")
+        assert (cfg.ppo.ent_coef, cfg.ppo.vf_coef, cfg.policy.enable_critic_lstm) == (0.01, 0.5, False)
+    assert rims.ppo == lstm.ppo and rims.env_options == lstm.env_options
+    assert (rims.rims.num_units, rims.rims.k_active, rims.rims.unit_size) == (6, 5, 85)
+    assert lstm.policy.lstm_hidden_size == 128
+
+
+@pytest.mark.parametrize("family", ["atari", "minigrid", "classic"])
+def test_every_core_shares_every_ppo_setting(family: str) -> None:
+    env = {"atari": "PongNoFrameskip-v4", "minigrid": "RIMAgents/Pickup-8x8-v0", "classic": "CartPole-v1"}[family]
+    configs = [load_config(env, core) for core in ("rims", "lstm", "gru")]
+    for cfg in configs[1:]:
+        assert cfg.ppo == configs[0].ppo
+        assert cfg.n_envs == configs[0].n_envs and cfg.total_timesteps == configs[0].total_timesteps
+        assert cfg.env_options == configs[0].env_options
+        assert cfg.policy.features_extractor == configs[0].policy.features_extractor
+        assert cfg.policy.net_arch == configs[0].policy.net_arch
+        assert cfg.policy.enable_critic_lstm == configs[0].policy.enable_critic_lstm
+
+
+def test_every_config_file_loads_strictly() -> None:
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"atari", "minigrid", "classic"}
+    for f in files:
+        data = read_yaml(f)
+        assert set(data) - {"cores"}, f
+
+
+def test_precedence_defaults_yaml_file_flags_overrides(tmp_path: Path) -> None:
+    user = tmp_path / "user.yaml"
+    user.write_text("seed: 5\nppo:\n  n_epochs: 3\n  learning_rate: 3e-4\nrims:\n  k_active: 3\n")
+    cfg = load_config("CartPole-v1", "rims", user, ["ppo.n_epochs=7", "rims.cell=gru"], {"seed": 9, "n_envs": None})
+    assert cfg.ppo.n_epochs == 7  # override beats file
+    assert cfg.seed == 9  # flag beats file
+    assert cfg.ppo.learning_rate == 3e-4  # YAML's "3e-4" string read as a float
+    assert cfg.rims.k_active == 3 and cfg.rims.cell == "gru"
+    assert cfg.n_envs == 8  # family default kept when the flag is not given
+    assert cfg.ppo.n_steps == 64  # family file
+
+
+def test_env_and_core_from_file_or_overrides(tmp_path: Path) -> None:
+    user = tmp_path / "user.yaml"
+    user.write_text("env: CartPole-v1\ncore: gru\n")
+    cfg = load_config(config_file=user)
+    assert (cfg.env, cfg.core) == ("CartPole-v1", "gru")
+    assert cfg.policy.lstm_hidden_size == 64  # classic.yaml's gru section applied
+    assert load_config(overrides=["env=CartPole-v1", "core=lstm"]).core == "lstm"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["ppo.bogus=1"], "unknown config key 'ppo.bogus'"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["ppo.n_epochs=abc"], "ppo.n_epochs: 'abc' is not a valid int"),
+        (["ppo.n_epochs=2.5"], "ppo.n_epochs: 2.5 is not a valid int"),
+        (["rims.communication=maybe"], "rims.communication: 'maybe' is not a valid bool"),
+        (["ppo.learning_rate=fast"], "ppo.learning_rate: 'fast' is not a number or 'lin_<number>'"),
+        (["rims.k_active=9"], "k_active=9"),
+        (["ppo.seq_len=5"], "ppo.seq_len=5 must be a positive divisor"),
+        (["policy.features_extractor=resnet"], "unknown policy.features_extractor 'resnet'"),
+        (["ppo=3"], "config section ppo must be a mapping"),
+        (["n_envs"], "is not KEY=VALUE"),
+        (["device=tpu"], "device 'tpu'"),
+    ],
+)
+def test_bad_values_are_errors(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config("CartPole-v1", "rims", overrides=overrides)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("CartPole-v1", config_file=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("CartPole-v1", config_file=bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config("CartPole-v1", config_file=listy)
+
+
+def test_no_env_and_unknown_core() -> None:
+    with pytest.raises(ConfigError, match="no environment given"):
+        load_config()
+    with pytest.raises(ConfigError, match="unknown core 'mamba'"):
+        load_config("CartPole-v1", "mamba")
+
+
+def test_parse_override_nesting_and_yaml_values() -> None:
+    assert parse_override("rims.k_active=5") == {"rims": {"k_active": 5}}
+    assert parse_override("policy.net_arch=[64, 64]") == {"policy": {"net_arch": [64, 64]}}
+    assert parse_override("ppo.target_kl=null") == {"ppo": {"target_kl": None}}
+
+
+def test_schedules() -> None:
+    lin = schedule("lin_2.5e-4")
+    assert isinstance(lin, LinearSchedule)
+    assert lin(1.0) == pytest.approx(2.5e-4) and lin(0.5) == pytest.approx(1.25e-4) and lin(0.0) == 0.0
+    assert schedule(3e-4) == 3e-4
+
+
+def test_env_family() -> None:
+    assert env_family("BreakoutNoFrameskip-v4") == "atari"
+    assert env_family("ALE/Pong-v5") == "atari"
+    assert env_family("RIMAgents/Pickup-8x8-v0") == "minigrid"
+    assert env_family("MiniGrid-Fetch-8x8-N3-v0") == "minigrid"
+    assert env_family("CartPole-v1") == "classic"
+    assert env_family("RIMAgents/CartPoleNoVel-v1") == "classic"

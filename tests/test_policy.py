@@ -1,0 +1,347 @@
+"""RIMPolicy and RIMPPO: tiny training runs, the core's use, sampling, save/load and determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch as th
+from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.envs import FakeImageEnv
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from rim_agents import RIMPPO, RIMCore, RIMPolicy
+from rim_agents.cores import GRUCore, unroll
+from rim_agents.extractors import NatureCNNTokens
+from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
+
+SMALL_RIMS = {"num_units": 4, "k_active": 2, "unit_size": 8, "input_key_size": 8, "comm_heads": 2, "comm_key_size": 4}
+CRITIC_OPTIONS = {
+    "critic-core": {"enable_critic_lstm": True},
+    "shared-core": {"shared_lstm": True, "enable_critic_lstm": False},
+    "no-critic-core": {"enable_critic_lstm": False},
+}
+
+
+def policy_kwargs(core: str, **extra: object) -> dict[str, object]:
+    kwargs: dict[str, object] = {"core": core, "lstm_hidden_size": 16}
+    if core == "rims":
+        kwargs["core_kwargs"] = dict(SMALL_RIMS)
+    kwargs.update(extra)
+    return kwargs
+
+
+def fake_image_env(n_envs: int = 2) -> DummyVecEnv:
+    return DummyVecEnv([lambda: FakeImageEnv(screen_height=52, screen_width=52, n_channels=1, discrete=True)] * n_envs)
+
+
+@pytest.mark.parametrize("critic", list(CRITIC_OPTIONS), ids=list(CRITIC_OPTIONS))
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_tiny_run_cartpole(core: str, critic: str) -> None:
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        n_steps=16,
+        batch_size=16,
+        seq_len=8,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=policy_kwargs(core, **CRITIC_OPTIONS[critic]),
+    )
+    before = [p.detach().clone() for p in model.policy.lstm_actor.parameters()]
+    model.learn(64)
+    assert model.num_timesteps == 64
+    after = list(model.policy.lstm_actor.parameters())
+    # The core is trained: the optimizer holds its parameters and they moved.
+    assert any(not th.equal(a, b) for a, b in zip(after, before, strict=True))
+    optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in model.policy.parameters())
+
+
+@pytest.mark.parametrize("extractor", ["nature_cnn", "tokens"])
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_tiny_run_fake_images(core: str, extractor: str) -> None:
+    extra = {"features_extractor_class": NatureCNNTokens} if extractor == "tokens" else {}
+    model = RIMPPO(
+        "CnnRIMPolicy",
+        fake_image_env(),
+        n_steps=16,
+        batch_size=16,
+        seq_len=8,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs=policy_kwargs(core, enable_critic_lstm=False, **extra),
+    )
+    if core == "rims" and extractor == "tokens":
+        assert model.policy.core_input_shape == (9, 64)  # a 3x3 map of 64 channels from 52x52
+    model.learn(32)
+    assert model.num_timesteps == 32
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm"])
+def test_works_with_stock_recurrent_ppo(core: str) -> None:
+    model = RecurrentPPO(
+        RIMPolicy, "CartPole-v1", n_steps=16, batch_size=16, n_epochs=1, seed=0, policy_kwargs=policy_kwargs(core)
+    )
+    model.learn(32)
+    mean, _ = evaluate_policy(model, model.get_env(), n_eval_episodes=2)
+    assert mean > 0
+
+
+def test_unknown_core_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown core 'transformer'"):
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs={"core": "transformer"})
+
+
+def _obs_batch(model: RIMPPO, n: int = 6) -> th.Tensor:
+    return th.as_tensor(np.stack([model.observation_space.sample() for _ in range(n)])).float()
+
+
+def _perturb(module: th.nn.Module) -> None:
+    with th.no_grad():
+        for p in module.parameters():
+            p.add_(th.randn_like(p) * 0.5)
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_action_distribution_depends_on_the_core(core: str) -> None:
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        n_steps=16,
+        batch_size=16,
+        seed=0,
+        policy_kwargs=policy_kwargs(core, enable_critic_lstm=False),
+    )
+    policy = model.policy.eval()
+    obs = _obs_batch(model)
+    states = (th.zeros(1, 6, policy.lstm_actor.hidden_size),) * 2
+    starts = th.zeros(6)
+    with th.no_grad():
+        before = policy.get_distribution(obs, states, starts)[0].distribution.probs.clone()
+        values_before = policy.predict_values(obs, states, starts).clone()
+        _perturb(policy.lstm_actor)
+        after = policy.get_distribution(obs, states, starts)[0].distribution.probs
+        values_after = policy.predict_values(obs, states, starts)
+    assert not th.allclose(before, after)
+    # Without a critic core, the critic does not read the actor's core.
+    assert th.equal(values_before, values_after)
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_value_depends_on_the_critic_core(core: str) -> None:
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        n_steps=16,
+        batch_size=16,
+        seed=0,
+        policy_kwargs=policy_kwargs(core, enable_critic_lstm=True),
+    )
+    policy = model.policy.eval()
+    assert type(policy.lstm_critic) is type(policy.lstm_actor)
+    obs = _obs_batch(model)
+    states = (th.zeros(1, 6, policy.lstm_critic.hidden_size),) * 2
+    with th.no_grad():
+        before = policy.predict_values(obs, states, th.zeros(6)).clone()
+        _perturb(policy.lstm_critic)
+        after = policy.predict_values(obs, states, th.zeros(6))
+    assert not th.allclose(before, after)
+
+
+def test_core_types() -> None:
+    types = {}
+    for core in ("rims", "lstm", "gru"):
+        model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs(core))
+        types[core] = type(model.policy.lstm_actor)
+        assert model.policy.lstm_hidden_state_shape[-1] == model.policy.lstm_actor.hidden_size
+    assert types == {"rims": RIMCore, "lstm": th.nn.LSTM, "gru": GRUCore}
+
+
+# ----------------------------------------------------------------------- sequences and resets
+def _sequences_with_resets(n_seq: int = 3, T: int = 7) -> th.Tensor:
+    starts = th.zeros(n_seq, T)
+    starts[0, 0] = 1.0
+    starts[1, 3] = 1.0
+    starts[2, 2] = starts[2, 5] = 1.0
+    return starts
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_unroll_equals_per_step_reset_loop(core: str) -> None:
+    """One unroll with resets inside equals sb3-contrib's loop that resets one step at a time."""
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs(core))
+    net = model.policy.lstm_actor.eval()
+    T, B = 7, 3
+    x = th.randn(T, B, net.input_size)
+    starts = _sequences_with_resets(B, T).T  # (T, B)
+    state = (th.randn(1, B, net.hidden_size), th.randn(1, B, net.hidden_size))
+    with th.no_grad():
+        out, (h, c) = unroll(net, x, state, starts)
+        hs, cs = state
+        ref = []
+        for t in range(T):
+            keep = (1.0 - starts[t]).view(1, B, 1)
+            o, (hs, cs) = net(x[t : t + 1], (hs * keep, cs * keep))
+            ref.append(o[0])
+    th.testing.assert_close(out, th.stack(ref), atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(h, hs, atol=1e-6, rtol=1e-6)
+    th.testing.assert_close(c, cs, atol=1e-6, rtol=1e-6)
+
+
+def test_lstm_core_matches_stock_policy() -> None:
+    """core="lstm" computes exactly what sb3-contrib's policy computes, resets included."""
+    env = DummyVecEnv([lambda: FakeImageEnv(screen_height=52, screen_width=52, n_channels=1, discrete=True)])
+    ours = RIMPPO("CnnRIMPolicy", env, seed=0, policy_kwargs=policy_kwargs("lstm", enable_critic_lstm=True))
+    stock = RecurrentActorCriticPolicy(
+        ours.observation_space,
+        ours.action_space,
+        lambda _: 1e-3,
+        features_extractor_class=ours.policy.features_extractor_class,
+        lstm_hidden_size=16,
+    )
+    stock.load_state_dict(ours.policy.state_dict())
+    n_seq, T = 3, 7
+    obs = th.as_tensor(np.stack([ours.observation_space.sample() for _ in range(n_seq * T)])).float()
+    starts = _sequences_with_resets(n_seq, T).flatten()
+    s = (th.randn(1, n_seq, 16), th.randn(1, n_seq, 16))
+    states = RNNStates(s, (s[0] * 0.5, s[1] * 0.5))
+    actions = th.randint(0, ours.action_space.n, (n_seq * T,))
+    ours.policy.eval()
+    stock.eval()
+    with th.no_grad():
+        for a, b in zip(
+            ours.policy.evaluate_actions(obs, actions, states, starts),
+            stock.evaluate_actions(obs, actions, states, starts),
+            strict=True,
+        ):
+            th.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ sampler
+def test_chunked_buffer_covers_every_transition_once() -> None:
+    from gymnasium import spaces
+
+    n_steps, n_envs, seq_len, hidden = 8, 3, 4, 5
+    buf = ChunkedRecurrentRolloutBuffer(
+        n_steps,
+        spaces.Box(-1, 1, (2,)),
+        spaces.Discrete(2),
+        (n_steps, 1, n_envs, hidden),
+        "cpu",
+        n_envs=n_envs,
+        seq_len=seq_len,
+    )
+    buf.reset()
+    for t in range(n_steps):
+        # Observation encodes (env, step); the stored state encodes it too.
+        obs = np.array([[e, t] for e in range(n_envs)], dtype=np.float32)
+        state = th.tensor([[e * 100 + t] * hidden for e in range(n_envs)], dtype=th.float32).view(1, n_envs, hidden)
+        starts = np.array([t == 5 and e == 1 for e in range(n_envs)], dtype=np.float32)
+        buf.add(
+            obs,
+            np.zeros((n_envs, 1)),
+            np.zeros(n_envs),
+            starts,
+            th.zeros(n_envs),
+            th.zeros(n_envs),
+            lstm_states=RNNStates((state, state), (state, state)),
+        )
+    buf.compute_returns_and_advantage(th.zeros(n_envs), np.zeros(n_envs))
+    seen = []
+    for batch in buf.get(batch_size=8):
+        assert batch.observations.shape == (8, 2)
+        assert th.all(batch.mask == 1)
+        chunks = batch.observations.view(-1, seq_len, 2)
+        for i, chunk in enumerate(chunks):
+            env, t0 = int(chunk[0, 0]), int(chunk[0, 1])
+            # A chunk is one env's consecutive steps, aligned on seq_len.
+            assert th.all(chunk[:, 0] == env) and t0 % seq_len == 0
+            assert th.equal(chunk[:, 1], th.arange(t0, t0 + seq_len, dtype=th.float32))
+            # It starts from the core state stored at its first step.
+            assert th.all(batch.lstm_states.pi[0][0, i] == env * 100 + t0)
+            starts = batch.episode_starts.view(-1, seq_len)[i]
+            assert th.equal(starts, th.tensor([float(env == 1 and t == 5) for t in range(t0, t0 + seq_len)]))
+            seen += [(env, t) for t in range(t0, t0 + seq_len)]
+    assert sorted(seen) == [(e, t) for e in range(n_envs) for t in range(n_steps)]
+
+
+@pytest.mark.parametrize(("seq_len", "match"), [(5, "divisor of n_steps"), (3, "divisor of n_steps")])
+def test_seq_len_must_divide(seq_len: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=seq_len)
+
+
+# ---------------------------------------------------------------------- save, load, determinism
+def _predict_sequence(model: RecurrentPPO | RIMPPO, obs_seq: np.ndarray) -> list[np.ndarray]:
+    state, starts, actions = None, np.ones(obs_seq.shape[1], dtype=bool), []
+    for obs in obs_seq:
+        action, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        actions.append(action)
+        starts = np.zeros_like(starts)
+    assert state is not None
+    return [*actions, state[0]]
+
+
+@pytest.mark.parametrize("core", ["rims", "gru"])
+def test_save_load_round_trip(core: str, tmp_path) -> None:
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        n_steps=16,
+        batch_size=16,
+        seq_len=8,
+        n_epochs=1,
+        seed=0,
+        policy_kwargs=policy_kwargs(core, enable_critic_lstm=True),
+    )
+    model.learn(32)
+    obs_seq = np.random.default_rng(0).normal(size=(10, 3, 4)).astype(np.float32)
+    expected = _predict_sequence(model, obs_seq)
+    model.save(tmp_path / "model.zip")
+    for loader in (RIMPPO, RecurrentPPO):
+        loaded = loader.load(tmp_path / "model.zip")
+        assert type(loaded.policy.lstm_actor) is type(model.policy.lstm_actor)
+        for a, b in zip(_predict_sequence(loaded, obs_seq), expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    model.policy.save(tmp_path / "policy.pt")
+    policy = RIMPolicy.load(tmp_path / "policy.pt")
+    assert policy.core_name == core and policy.core_kwargs == model.policy.core_kwargs
+    for a, b in zip(policy.state_dict().values(), model.policy.state_dict().values(), strict=True):
+        assert th.equal(a, b)
+
+
+def test_same_seed_same_training() -> None:
+    def run() -> tuple[list[th.Tensor], np.ndarray]:
+        model = RIMPPO(
+            "MlpRIMPolicy",
+            "CartPole-v1",
+            n_steps=16,
+            batch_size=16,
+            seq_len=8,
+            n_epochs=2,
+            seed=3,
+            policy_kwargs=policy_kwargs("rims", core_kwargs={**SMALL_RIMS, "input_dropout": 0.1}),
+        )
+        model.learn(64)
+        obs = np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)
+        actions, _ = model.predict(obs, deterministic=False)
+        return [p.detach().clone() for p in model.policy.parameters()], actions
+
+    p1, a1 = run()
+    p2, a2 = run()
+    assert all(th.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    np.testing.assert_array_equal(a1, a2)
+
+
+def test_policy_constructor_parameters_round_trip() -> None:
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", enable_critic_lstm=False))
+    params = model.policy._get_constructor_parameters()
+    assert params["core"] == "rims" and params["core_kwargs"] == SMALL_RIMS
+    assert params["enable_critic_lstm"] is False
+    clone = RIMPolicy(**copy.deepcopy(params))
+    assert clone.lstm_actor.hidden_size == model.policy.lstm_actor.hidden_size

@@ -1,0 +1,201 @@
+"""train(): run directories, checkpoints, resume, RIM logging, and the train.py command line."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from stable_baselines3.common.callbacks import BaseCallback
+
+from rim_agents import RIMPPO
+from rim_agents.checkpoints import FINAL_MODEL, latest_checkpoint, save_model
+from rim_agents.cli import train_main
+from rim_agents.config import load_config
+from rim_agents.errors import UsageError
+from rim_agents.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "n_envs=2",
+    "ppo.n_steps=16",
+    "ppo.batch_size=16",
+    "ppo.seq_len=8",
+    "ppo.n_epochs=1",
+    "ppo.learning_rate=lin_1e-3",
+    "checkpoint_freq=32",
+    "rim_image_freq=1",
+]
+
+
+def tiny_config(core: str = "rims", total: int = 64, extra: list[str] | None = None):
+    return load_config("CartPole-v1", core, overrides=[*TINY, *(extra or [])], flags={"total_timesteps": total})
+
+
+def read_progress(run_dir: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in sorted((run_dir / "tb").glob("progress*.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return sorted(rows, key=lambda row: int(row["time/total_timesteps"]))
+
+
+def test_run_directory_contents(tmp_path: Path) -> None:
+    run = train(tiny_config(), tmp_path / "run", command=["train.py", "--env", "CartPole-v1"])
+    assert (run / FINAL_MODEL).is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["env"] == "CartPole-v1" and saved["rims"]["num_units"] == 4
+    assert "train.py --env CartPole-v1" in (run / "command.txt").read_text()
+    versions = yaml.safe_load((run / "versions.json").read_text())
+    assert versions["torch"] and "git_commit" in versions
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.zip"))
+    assert steps == [32, 64]
+    assert not list(run.rglob("*.tmp*"))
+    model = RIMPPO.load(run / FINAL_MODEL)
+    assert model.num_timesteps == 64
+
+
+def test_rim_activity_is_logged(tmp_path: Path) -> None:
+    run = train(tiny_config(), tmp_path / "run")
+    rows = read_progress(run)
+    last = rows[-1]
+    fracs = [float(last[f"rims/active_frac/rim_{i}"]) for i in range(4)]
+    # Exactly k = 3 of the 4 RIMs are active at every step, so the fractions sum to 3.
+    assert sum(fracs) == pytest.approx(3.0)
+    assert 0.0 <= float(last["rims/switch_rate"]) <= 1.0
+    assert 0.0 < float(last["rims/input_attention_entropy"]) <= 0.6932
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert "rims/activation_pattern" in events.Tags()["images"]
+    image = events.Images("rims/activation_pattern")[-1]
+    assert image.height == 4 * 8  # K RIMs, 8 pixels each
+
+
+class _Crash(BaseCallback):
+    def __init__(self, at: int = 48) -> None:
+        super().__init__()
+        self.at = at
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.at:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_resume_continues_steps_and_schedule(tmp_path: Path) -> None:
+    full = train(tiny_config(total=160), tmp_path / "full")
+    config = tiny_config(total=160)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "part", extra_callbacks=[_Crash(at=64)])
+    train(config, tmp_path / "part", resume=True)
+    model = RIMPPO.load(tmp_path / "part" / FINAL_MODEL)
+    assert model.num_timesteps == 160
+    assert model._current_progress_remaining == pytest.approx(0.0)
+    full_rows = {row["time/total_timesteps"]: row for row in read_progress(full)}
+    part_rows = {row["time/total_timesteps"]: row for row in read_progress(tmp_path / "part")}
+    assert sorted(part_rows, key=int) == ["32", "96", "128", "160"]
+    # Updates after the resume use the learning rate of the uninterrupted run at the same step:
+    # the linear schedule went on from where it was (1e-3 * (1 - 96/160) = 4e-4, then 2e-4).
+    for step in ("128", "160"):
+        assert float(part_rows[step]["train/learning_rate"]) == pytest.approx(
+            float(full_rows[step]["train/learning_rate"])
+        )
+    assert float(part_rows["128"]["train/learning_rate"]) == pytest.approx(4e-4)
+    assert (tmp_path / "part" / "command.txt").read_text().count("\n") == 2
+
+
+def test_interrupted_run_keeps_a_checkpoint_and_no_final_model(tmp_path: Path) -> None:
+    config = tiny_config(total=128, extra=["checkpoint_freq=1000"])
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", extra_callbacks=[_Crash()])
+    assert not (tmp_path / "run" / FINAL_MODEL).exists()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and ckpt.name == "step_000000000048.zip"
+    train(config, tmp_path / "run", resume=True)
+    # PPO trains whole rollouts (2 envs x 16 steps): from step 48 it stops at the first multiple
+    # of 32 steps past 128.
+    assert RIMPPO.load(tmp_path / "run" / FINAL_MODEL).num_timesteps == 144
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16)
+    target = tmp_path / "ckpt.zip"
+    save_model(model, target)
+    good = target.read_bytes()
+
+    def boom(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, target)
+    # The previous checkpoint is intact and no temporary file is left behind.
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.zip"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something").write_text("x")
+    with pytest.raises(UsageError, match="already exists"):
+        train(tiny_config(), tmp_path / "run")
+    with pytest.raises(UsageError, match="holds no checkpoint"):
+        train(tiny_config(), tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "Nope-v0"], "unknown environment id 'Nope-v0'"),
+        (["--env", "CartPole-v1", "--core", "transformer"], "unknown core 'transformer'"),
+        (["--env", "CartPole-v1", "rims.k_active=9"], "k_active=9"),
+        (["--env", "CartPole-v1", "ppo.bogus=1"], "unknown config key 'ppo.bogus'"),
+        (["--env", "CartPole-v1", "ppo.n_epochs=many"], "ppo.n_epochs: 'many' is not a valid int"),
+        (["--env", "CartPole-v1", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["--env", "CartPole-v1", "--total-timesteps", "ten"], "invalid int value"),
+    ],
+)
+def test_cli_bad_input(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = train_main([*args, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_train_script_writes_a_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--env",
+            "CartPole-v1",
+            "--core",
+            "lstm",
+            "--total-timesteps",
+            "32",
+            "--run-dir",
+            str(run),
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"run directory : {run}" in result.stdout
+    assert f"tensorboard --logdir {run / 'tb'}" in result.stdout
+    assert (run / FINAL_MODEL).is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["core"] == "lstm"
