@@ -95,6 +95,7 @@ class EnvConfig:
     terminal_on_life_loss: bool = True  # Atari: a lost life ends the training episode
     clip_reward: bool = True  # Atari: sign of the reward for training (returns logged unclipped)
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gymnasium.make
+    backend: str = "auto"  # Atari: auto | vector (ale-py C++ threads) | gym (gymnasium + AtariWrapper)
 
 
 @dataclass

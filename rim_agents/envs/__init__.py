@@ -1,7 +1,8 @@
 """Environments: one entry point, :func:`make_vec_env`, for every env family.
 
 - ``atari``: ALE games (``BreakoutNoFrameskip-v4``, ``ALE/Breakout-v5``, ...), preprocessed as
-  in the Nature DQN paper (SB3's ``AtariWrapper``) and frame-stacked.
+  in the Nature DQN paper and frame-stacked, on ale-py's C++ vector env or on gymnasium + SB3's
+  ``AtariWrapper`` (:mod:`rim_agents.envs.atari`).
 - ``minigrid``: MiniGrid environments, among them our object-picking-with-distractors family.
 - ``classic``: any other gymnasium id (``CartPole-v1``, ``RIMAgents/CartPoleNoVel-v1``, ...).
 
@@ -15,11 +16,11 @@ import difflib
 from typing import Any
 
 import gymnasium as gym
-from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecFrameStack
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from rim_agents.config import env_family
+from rim_agents.envs.atari import make_atari_vec_env
 from rim_agents.envs.registration import register_envs
 from rim_agents.errors import UsageError
 
@@ -44,6 +45,7 @@ def make_vec_env(
     terminal_on_life_loss: bool = True,
     clip_reward: bool = True,
     env_kwargs: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> VecEnv:
     """A monitored SB3 ``VecEnv`` of ``n_envs`` copies of ``env_id``.
 
@@ -55,21 +57,17 @@ def make_vec_env(
     :param clip_reward: Atari: train on the sign of the reward (returns logged unclipped).
     :param env_kwargs: keyword arguments of ``gymnasium.make`` (e.g. Atari ``mode``/``difficulty``,
         MiniGrid ``num_distractors``).
+    :param backend: Atari: ``"auto"``, ``"vector"`` (ale-py's C++ vector env) or ``"gym"``
+        (gymnasium + SB3's ``AtariWrapper``), see :mod:`rim_agents.envs.atari`.
     """
     check_env_id(env_id)
     env_kwargs = dict(env_kwargs or {})
     family = env_family(env_id)
     try:
         if family == "atari":
-            venv: VecEnv = make_atari_env(
-                env_id,
-                n_envs=n_envs,
-                seed=seed,
-                env_kwargs=env_kwargs,
-                wrapper_kwargs={"terminal_on_life_loss": terminal_on_life_loss, "clip_reward": clip_reward},
-                vec_env_cls=DummyVecEnv,
+            return make_atari_vec_env(
+                env_id, n_envs, seed, frame_stack, terminal_on_life_loss, clip_reward, env_kwargs, backend
             )
-            return VecFrameStack(venv, frame_stack) if frame_stack > 1 else venv
         return sb3_make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=DummyVecEnv)
     except (TypeError, ValueError, RuntimeError, gym.error.Error) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -22,4 +22,9 @@ def register_envs() -> None:
             max_episode_steps=500,
             reward_threshold=475.0,
         )
+    from rim_agents.envs.pickup import PICKUP_IDS
+
+    for env_id, kwargs in PICKUP_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point="rim_agents.envs.pickup:PickupEnv", kwargs=kwargs)
     _registered = True

@@ -1,0 +1,240 @@
+"""MiniGrid object picking with distractors, with palettes of distractors never seen in training."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
+from minigrid.core.grid import Grid
+from minigrid.core.mission import MissionSpace
+from minigrid.core.world_object import Ball, Box, Key
+from minigrid.minigrid_env import MiniGridEnv
+
+TYPES = ("key", "ball", "box")
+COLOURS = tuple(sorted(COLOR_TO_IDX, key=COLOR_TO_IDX.__getitem__))  # red, green, blue, purple, yellow, grey
+_OBJECTS: dict[str, Any] = {"key": Key, "ball": Ball, "box": Box}
+Pair = tuple[str, str]
+
+#: Targets and training distractors: keys and balls in red, green or blue.
+TRAIN_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in ("key", "ball") for c in ("red", "green", "blue"))
+#: Never seen in training: every box, and every object in purple, yellow or grey.
+HELDOUT_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in TYPES for c in COLOURS if (t, c) not in TRAIN_PALETTE)
+VIEW = 7  # the observation tensor is always VIEW x VIEW; smaller views hide the outer cells
+UNSEEN = OBJECT_TO_IDX["unseen"]
+MAX_INDEX = max(OBJECT_TO_IDX.values())
+
+
+def resolve_palette(palette: str | Sequence[Sequence[str]]) -> tuple[Pair, ...]:
+    """``"train"``, ``"heldout"`` or a list of ``(type, colour)`` pairs, checked."""
+    if isinstance(palette, str):
+        if palette == "train":
+            return TRAIN_PALETTE
+        if palette == "heldout":
+            return HELDOUT_PALETTE
+        raise ValueError(f"distractor_palette {palette!r} is not 'train', 'heldout' or a list of (type, colour)")
+    pairs = []
+    for item in palette:
+        if len(item) != 2 or item[0] not in TYPES or item[1] not in COLOURS:
+            raise ValueError(
+                f"distractor palette entry {item!r} is not a (type, colour) pair with type in {TYPES} "
+                f"and colour in {COLOURS}"
+            )
+        pairs.append((str(item[0]), str(item[1])))
+    return tuple(dict.fromkeys(pairs))
+
+
+def view_mask(view_size: int) -> np.ndarray:
+    """``(VIEW, VIEW)`` bool mask, indexed ``[x, y]`` as MiniGrid's encoding, of the cells a
+    ``view_size`` view keeps: the agent sits at ``x = VIEW // 2``, ``y = VIEW - 1``."""
+    mask = np.zeros((VIEW, VIEW), dtype=bool)
+    half = view_size // 2
+    mask[VIEW // 2 - half : VIEW // 2 + half + 1, VIEW - view_size :] = True
+    return mask
+
+
+class PickupEnv(MiniGridEnv):
+    """
+    ## Description
+
+    A room with one target object and ``num_distractors`` other objects. The agent must pick up
+    the target. Targets are keys or balls in red, green or blue (the training palette).
+    Distractors come from a palette of ``(type, colour)`` pairs: the training palette by default,
+    or a held-out palette (every box, and anything purple, yellow or grey) that a policy trained
+    on the default never saw. A distractor is never identical to the target, and the target can
+    always be reached (a free cell beside it is connected to the agent).
+
+    ## Mission Space
+
+    "pick up the {colour} {type}"; the same information is in the observation as numbers.
+
+    ## Observation Space
+
+    ``Dict``: ``image`` ``(7, 7, 3)`` uint8 egocentric view of (object, colour, state) indices as
+    in MiniGrid, with the agent at the bottom centre; with ``view_size`` ``v < 7`` the cells
+    outside the ``v x v`` view are "unseen", so one network runs on every view size.
+    ``target``: ``MultiDiscrete([3, 6])``, indices into ``TYPES`` and ``COLOURS``.
+
+    ## Action Space
+
+    | Num | Name    | Action            |
+    |-----|---------|-------------------|
+    | 0   | left    | Turn left         |
+    | 1   | right   | Turn right        |
+    | 2   | forward | Move forward      |
+    | 3   | pickup  | Pick up an object |
+
+    ## Rewards
+
+    ``1 - 0.9 * (step_count / max_steps)`` for picking up the target, ``0`` otherwise.
+
+    ## Termination
+
+    The episode terminates when the agent picks up any object (``info["success"]`` or
+    ``info["picked_wrong"]``), and is truncated after ``max_steps`` steps (default ``5 * size**2``).
+    The last step's info also holds ``is_success``, which SB3 logs as ``rollout/success_rate``.
+
+    ## Registered ids
+
+    - ``RIMAgents/Pickup-8x8-v0``: training setting (3 distractors, training palette, full view).
+    - ``RIMAgents/Pickup-8x8-Novel-v0``: distractors from the held-out palette.
+    - ``RIMAgents/Pickup-8x8-More-v0``: 6 distractors from the training palette.
+    - ``RIMAgents/Pickup-8x8-NovelMore-v0``: 6 held-out distractors.
+    - ``RIMAgents/Pickup-8x8-View5-v0``, ``RIMAgents/Pickup-8x8-View3-v0``: smaller views.
+    - ``RIMAgents/Pickup-6x6-v0``: a 6x6 room with 2 distractors, for quick runs.
+
+    Every id accepts ``size``, ``num_distractors``, ``distractor_palette`` and ``view_size``.
+    """
+
+    def __init__(
+        self,
+        size: int = 8,
+        num_distractors: int = 3,
+        distractor_palette: str | Sequence[Sequence[str]] = "train",
+        view_size: int = 7,
+        max_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(view_size, int) or view_size % 2 == 0 or not 3 <= view_size <= VIEW:
+            raise ValueError(f"view_size={view_size!r} is invalid: use an odd number from 3 to {VIEW}")
+        if not isinstance(size, int) or size < 4:
+            raise ValueError(f"size={size!r} is invalid: the room needs size >= 4 (walls included)")
+        free_cells = (size - 2) ** 2
+        if not isinstance(num_distractors, int) or not 0 <= num_distractors <= free_cells - 3:
+            raise ValueError(
+                f"num_distractors={num_distractors!r} is invalid: use 0 to {free_cells - 3} in a {size}x{size} room"
+            )
+        self.palette = resolve_palette(distractor_palette)
+        if num_distractors > 0:
+            for target in TRAIN_PALETTE:
+                if not [p for p in self.palette if p != target]:
+                    raise ValueError(
+                        f"distractor palette {list(self.palette)} leaves no possible distractor for the target "
+                        f"{target[1]} {target[0]}: add pairs that differ from every target"
+                    )
+        self.num_distractors = num_distractors
+        self.view_size = view_size
+        self._hidden = ~view_mask(view_size)
+        self.target: Pair = TRAIN_PALETTE[0]
+        self.target_pos: tuple[int, int] = (0, 0)
+        mission_space = MissionSpace(
+            mission_func=lambda colour, kind: f"pick up the {colour} {kind}",
+            ordered_placeholders=[list(COLOURS), list(TYPES)],
+        )
+        super().__init__(
+            mission_space=mission_space,
+            width=size,
+            height=size,
+            max_steps=max_steps if max_steps is not None else 5 * size**2,
+            see_through_walls=True,
+            agent_view_size=VIEW,
+            **kwargs,
+        )
+        self.action_space = spaces.Discrete(4)
+        self.observation_space = spaces.Dict(
+            {
+                "image": spaces.Box(0, MAX_INDEX, (VIEW, VIEW, 3), dtype=np.uint8),
+                "target": spaces.MultiDiscrete([len(TYPES), len(COLOURS)]),
+            }
+        )
+
+    # -------------------------------------------------------------------------------- layout
+    def _gen_grid(self, width: int, height: int) -> None:
+        for _ in range(100):
+            self.grid = Grid(width, height)
+            self.grid.wall_rect(0, 0, width, height)
+            self.target = self._rand_elem(TRAIN_PALETTE)
+            pool = [p for p in self.palette if p != self.target]
+            objects = [self.target] + [self._rand_elem(pool) for _ in range(self.num_distractors)]
+            for i, (kind, colour) in enumerate(objects):
+                pos = self.place_obj(_OBJECTS[kind](colour))
+                if i == 0:
+                    self.target_pos = (int(pos[0]), int(pos[1]))
+            self.place_agent()
+            if self.target_reachable():
+                break
+        else:  # pragma: no cover - a 100-fold failure needs a room crammed with objects
+            raise RuntimeError("could not place a reachable target in 100 tries: use fewer distractors")
+        self.mission = f"pick up the {self.target[1]} {self.target[0]}"
+
+    def target_reachable(self) -> bool:
+        """Whether a free cell next to the target can be walked to from the agent."""
+        start = tuple(int(v) for v in self.agent_pos)
+        seen = {start}
+        queue = deque([start])
+        goals = {(self.target_pos[0] + dx, self.target_pos[1] + dy) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))}
+        while queue:
+            x, y = queue.popleft()
+            if (x, y) in goals:
+                return True
+            for nx, ny in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if (nx, ny) not in seen and self.grid.get(nx, ny) is None:
+                    seen.add((nx, ny))
+                    queue.append((nx, ny))
+        return False
+
+    # ------------------------------------------------------------------------- observations
+    def gen_obs(self) -> dict[str, Any]:
+        obs = super().gen_obs()
+        image = obs["image"]
+        if self.view_size < VIEW:
+            image[self._hidden] = (UNSEEN, 0, 0)
+        kind, colour = self.target
+        return {"image": image, "target": np.array([TYPES.index(kind), COLOURS.index(colour)], dtype=np.int64)}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        info = {"success": False, "picked_wrong": False}
+        if self.carrying is not None:
+            terminated = True
+            picked = (self.carrying.type, self.carrying.color)
+            if picked == self.target:
+                reward = self._reward()
+                info["success"] = True
+            else:
+                reward = 0.0
+                info["picked_wrong"] = True
+        if terminated or truncated:
+            info["is_success"] = info["success"]  # SB3 logs rollout/success_rate from this key
+        return obs, float(reward), terminated, truncated, info
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, _ = super().reset(seed=seed, options=options)
+        return obs, {"success": False, "picked_wrong": False}
+
+
+PICKUP_IDS: dict[str, dict[str, Any]] = {
+    "RIMAgents/Pickup-8x8-v0": {},
+    "RIMAgents/Pickup-8x8-Novel-v0": {"distractor_palette": "heldout"},
+    "RIMAgents/Pickup-8x8-More-v0": {"num_distractors": 6},
+    "RIMAgents/Pickup-8x8-NovelMore-v0": {"distractor_palette": "heldout", "num_distractors": 6},
+    "RIMAgents/Pickup-8x8-View5-v0": {"view_size": 5},
+    "RIMAgents/Pickup-8x8-View3-v0": {"view_size": 3},
+    "RIMAgents/Pickup-6x6-v0": {"size": 6, "num_distractors": 2},
+}
+
+# Colour indices are MiniGrid's; keep them aligned with COLOURS so "target" is unambiguous.
+assert all(COLOR_TO_IDX[c] == i for i, c in enumerate(COLOURS))
