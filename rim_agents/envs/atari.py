@@ -82,6 +82,9 @@ class AtariVecEnv(VecEnv):
     :param clip_reward: train on the sign of the reward.
     :param repeat_action_probability: overrides the id's sticky-action probability when given.
     :param num_threads: emulator threads (0: one per env, up to the cores).
+    :param max_episode_frames: truncate games after this many emulator frames (default: the id's,
+        108,000 frames = 30 minutes).
+    :param noop_max: at most this many no-op actions at the start of a game.
     """
 
     def __init__(
@@ -94,12 +97,16 @@ class AtariVecEnv(VecEnv):
         clip_reward: bool = True,
         repeat_action_probability: float | None = None,
         num_threads: int = 0,
+        max_episode_frames: int | None = None,
+        noop_max: int = 30,
     ) -> None:
         from ale_py.vector_env import AtariVectorEnv
 
         settings = ale_settings(env_id)
         if repeat_action_probability is not None:
             settings["repeat_action_probability"] = float(repeat_action_probability)
+        if max_episode_frames is not None:
+            settings["max_num_frames_per_episode"] = int(max_episode_frames)
         self.settings = settings
         self.env = AtariVectorEnv(
             settings["game"],
@@ -111,7 +118,7 @@ class AtariVecEnv(VecEnv):
             autoreset_mode="SameStep",
             stack_num=frame_stack,
             frameskip=FRAME_SKIP,
-            noop_max=30,
+            noop_max=noop_max,
             episodic_life=False,
             life_loss_info=terminal_on_life_loss,
             reward_clipping=False,
