@@ -93,7 +93,7 @@ def main() -> None:
         "pickup-single": single_stepper(),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    for name, run in variants.items():  # warm-up
+    for run in variants.values():  # warm-up
         run(20)
     for _ in range(args.rounds):
         for name, run in variants.items():

@@ -158,7 +158,7 @@ def test_atari_bad_flavours(kwargs: dict, match: str) -> None:
 
 
 def test_unknown_env_id_suggests() -> None:
-    with pytest.raises(UsageError, match="unknown environment id 'BreakoutNoFrameskp-v4'.*BreakoutNoFrameskip-v4"):
+    with pytest.raises(UsageError, match=r"unknown environment id 'BreakoutNoFrameskp-v4'.*BreakoutNoFrameskip-v4"):
         make_vec_env("BreakoutNoFrameskp-v4")
 
 
