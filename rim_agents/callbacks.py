@@ -9,6 +9,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 
 from rim_agents.checkpoints import checkpoint_path, save_model
+from rim_agents.config import TrainConfig
 from rim_agents.policy import RIMPolicy
 from rim_agents.rim import RIMCore
 
@@ -35,6 +36,48 @@ class CheckpointCallback(BaseCallback):
         if self.num_timesteps >= self.next_save:
             save_model(self.model, checkpoint_path(self.run_dir, self.num_timesteps))
             self.next_save = (self.num_timesteps // self.save_freq + 1) * self.save_freq
+        return True
+
+
+class ShiftEvalCallback(BaseCallback):
+    """Every ``eval_freq`` env steps, evaluate the current model under each shift and log
+    ``eval/<shift>/mean_return`` (and ``success_rate``, ``mean_length``) to TensorBoard.
+
+    :param config: the run's config (env and env options).
+    :param shifts: shift names (see :mod:`rim_agents.shifts`).
+    :param eval_freq: env steps between evaluations.
+    :param n_episodes: episodes per shift.
+    :param n_envs: parallel eval envs.
+    """
+
+    def __init__(self, config: TrainConfig, shifts: list[str], eval_freq: int, n_episodes: int, n_envs: int = 4):
+        super().__init__()
+        self.config, self.shifts = config, shifts
+        self.eval_freq, self.n_episodes, self.n_envs = eval_freq, n_episodes, n_envs
+        self.next_eval = 0
+        self.evaluations = 0
+
+    def _on_training_start(self) -> None:
+        self.next_eval = (self.num_timesteps // self.eval_freq + 1) * self.eval_freq
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self.next_eval:
+            return True
+        from rim_agents.evaluation import make_eval_env, run_episodes, shift_spec
+
+        self.next_eval = (self.num_timesteps // self.eval_freq + 1) * self.eval_freq
+        self.evaluations += 1
+        for shift in self.shifts:
+            seed = self.config.seed + 1000 * self.evaluations
+            env = make_eval_env(self.config, shift_spec(self.config, shift), min(self.n_envs, self.n_episodes), seed)
+            try:
+                eps = run_episodes(self.model, env, self.n_episodes, deterministic=False)
+            finally:
+                env.close()
+            self.logger.record(f"eval/{shift}/mean_return", float(np.mean(eps.returns)))
+            self.logger.record(f"eval/{shift}/mean_length", float(np.mean(eps.lengths)))
+            if eps.successes:
+                self.logger.record(f"eval/{shift}/success_rate", float(np.mean(eps.successes)))
         return True
 
 

@@ -35,6 +35,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--run-dir", help="where to write the run (default runs/<env>_<core>_s<seed>_<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.add_argument("--eval-shifts", help="comma-separated shifts to evaluate during training (see evaluate.py --help)")
+    p.add_argument("--eval-freq", type=int, help="env steps between evaluations during training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p
@@ -66,9 +68,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             "n_envs": args.n_envs,
             "total_timesteps": args.total_timesteps,
             "device": args.device,
+            "eval_freq": args.eval_freq,
+            "eval_shifts": [s for s in args.eval_shifts.split(",") if s] if args.eval_shifts else None,
         }
         if args.resume:
-            conflicting = [n for n in ("env", "core", "config", "run_dir", "seed", "n_envs") if getattr(args, n)]
+            names = ("env", "core", "config", "run_dir", "seed", "n_envs", "eval_shifts", "eval_freq")
+            conflicting = [n for n in names if getattr(args, n)]
             if conflicting or args.overrides:
                 what = ", ".join([f"--{n.replace('_', '-')}" for n in conflicting] + args.overrides)
                 raise UsageError(
@@ -102,4 +107,62 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ckpt = latest_checkpoint(out)
     steps = int(ckpt.stem.split("_")[1]) if ckpt else 0
     print(_summary(out, steps))
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    from rim_agents.shifts import __doc__ as shifts_doc
+
+    p = OneLineParser(
+        prog="evaluate.py",
+        description="Evaluate checkpoints under distribution shifts, with confidence intervals.",
+        epilog=shifts_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("targets", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT", help="run directories or checkpoint files")
+    p.add_argument("--shifts", default="all", help="'all' (the family's catalogue) or a comma-separated list")
+    p.add_argument("--episodes", type=int, default=100, help="episodes per checkpoint and shift")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="greedy actions")
+    p.add_argument("--n-envs", type=int, default=8, help="parallel envs per evaluation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default eval_results/<time>)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write eval scalars to the runs' TensorBoard")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, evaluate, write the results. Returns the exit code (2 on bad input)."""
+    import datetime as dt
+
+    from rim_agents.evaluation import evaluate, format_table, write_outputs, write_tensorboard
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = evaluate_parser().parse_args(argv)
+        shifts: str | list[str] = "all" if args.shifts == "all" else [s for s in args.shifts.split(",") if s]
+        if not shifts:
+            raise UsageError("--shifts is empty: give 'all' or names such as none,novel-distractors")
+        if args.n_envs < 1:
+            raise UsageError(f"--n-envs must be positive, got {args.n_envs}")
+        results = evaluate(
+            args.targets,
+            shifts,
+            episodes=args.episodes,
+            seed=args.seed,
+            deterministic=args.deterministic,
+            n_envs=args.n_envs,
+            device=args.device,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("eval_results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    paths = write_outputs(results, out)
+    if not args.no_tensorboard:
+        write_tensorboard(results)
+    print(format_table(results))
+    print("\nwritten: " + ", ".join(str(p) for p in paths))
     return 0

@@ -111,6 +111,9 @@ class TrainConfig:
     checkpoint_freq: int = 100_000  # env steps between checkpoints (0: only the final model)
     rim_log_freq: int = 1  # rollouts between RIM activity scalars
     rim_image_freq: int = 20  # rollouts between RIM activity images
+    eval_shifts: list[str] = field(default_factory=list)  # shifts evaluated during training
+    eval_freq: int = 0  # env steps between evaluations during training (0: none)
+    eval_episodes: int = 10  # episodes per shift and evaluation during training
     ppo: PPOConfig = field(default_factory=PPOConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rims: RIMConfig = field(default_factory=RIMConfig)
@@ -311,6 +314,15 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"ppo.seq_len={ppo.seq_len} must be a positive divisor of ppo.n_steps={ppo.n_steps}")
         if ppo.batch_size % ppo.seq_len:
             raise ConfigError(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.seq_len={ppo.seq_len}")
+    if config.eval_freq < 0 or config.eval_episodes < 1:
+        raise ConfigError("eval_freq must be >= 0 and eval_episodes >= 1")
+    if config.eval_shifts:
+        from rim_agents.envs.registration import register_envs
+        from rim_agents.shifts import parse_shift
+
+        register_envs()
+        for shift in config.eval_shifts:
+            parse_shift(shift, env_family(config.env), config.env_options.env_kwargs, config.env)
     if config.policy.features_extractor not in EXTRACTORS:
         raise ConfigError(
             f"unknown policy.features_extractor {config.policy.features_extractor!r}: "

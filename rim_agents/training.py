@@ -29,7 +29,7 @@ from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
-from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback
+from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback, ShiftEvalCallback
 from rim_agents.checkpoints import (
     FINAL_MODEL,
     atomic_write_text,
@@ -202,6 +202,8 @@ def train(
         callbacks.append(CheckpointCallback(run_dir, config.checkpoint_freq))
     if config.core == "rims":
         callbacks.append(RIMActivityCallback(config.rim_log_freq, config.rim_image_freq))
+    if config.eval_freq > 0 and config.eval_shifts:
+        callbacks.append(ShiftEvalCallback(config, config.eval_shifts, config.eval_freq, config.eval_episodes))
     callbacks += extra_callbacks or []
 
     remaining = config.total_timesteps - model.num_timesteps

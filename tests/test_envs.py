@@ -339,3 +339,23 @@ def test_pickup_vec_env_logs_success() -> None:
         _, _, _, infos = env.step(rng.integers(0, 4, 4))
         episodes += [info for info in infos if "episode" in info]
     assert episodes and all("is_success" in info for info in episodes)
+
+
+def test_fast_view_equals_minigrid_gen_obs() -> None:
+    """The array-slicing view equals MiniGrid's own ``gen_obs`` image, pickups included."""
+    from minigrid.minigrid_env import MiniGridEnv
+
+    env = PickupEnv(size=8, num_distractors=4)
+    checked = pickups = 0
+    for seed in range(40):
+        env.reset(seed=seed)
+        rng = np.random.default_rng(seed)
+        for _ in range(100):
+            np.testing.assert_array_equal(env.egocentric_view(), MiniGridEnv.gen_obs(env)["image"])
+            checked += 1
+            _, _, term, trunc, _ = env.step(int(rng.choice(4, p=[0.25, 0.25, 0.3, 0.2])))
+            if term or trunc:
+                pickups += int(env.carrying is not None)
+                np.testing.assert_array_equal(env.egocentric_view(), MiniGridEnv.gen_obs(env)["image"])
+                break
+    assert checked > 1000 and pickups > 10

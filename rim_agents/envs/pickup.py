@@ -25,6 +25,8 @@ TRAIN_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in ("key", "ball") for c in
 HELDOUT_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in TYPES for c in COLOURS if (t, c) not in TRAIN_PALETTE)
 VIEW = 7  # the observation tensor is always VIEW x VIEW; smaller views hide the outer cells
 UNSEEN = OBJECT_TO_IDX["unseen"]
+_WALL = (OBJECT_TO_IDX["wall"], COLOR_TO_IDX["grey"], 0)
+_EMPTY = (OBJECT_TO_IDX["empty"], 0, 0)
 MAX_INDEX = max(OBJECT_TO_IDX.values())
 
 
@@ -140,6 +142,8 @@ class PickupEnv(MiniGridEnv):
         self._hidden = ~view_mask(view_size)
         self.target: Pair = TRAIN_PALETTE[0]
         self.target_pos: tuple[int, int] = (0, 0)
+        self._world: np.ndarray | None = None
+        self._target_obs = np.zeros(2, dtype=np.int64)
         mission_space = MissionSpace(
             mission_func=lambda colour, kind: f"pick up the {colour} {kind}",
             ordered_placeholders=[list(COLOURS), list(TYPES)],
@@ -179,6 +183,8 @@ class PickupEnv(MiniGridEnv):
         else:  # pragma: no cover - a 100-fold failure needs a room crammed with objects
             raise RuntimeError("could not place a reachable target in 100 tries: use fewer distractors")
         self.mission = f"pick up the {self.target[1]} {self.target[0]}"
+        self._target_obs = np.array([TYPES.index(self.target[0]), COLOURS.index(self.target[1])], dtype=np.int64)
+        self._world = None
 
     def target_reachable(self) -> bool:
         """Whether a free cell next to the target can be walked to from the agent."""
@@ -197,13 +203,34 @@ class PickupEnv(MiniGridEnv):
         return False
 
     # ------------------------------------------------------------------------- observations
+    def _encode_world(self) -> np.ndarray:
+        """The whole grid encoded once, padded with walls by ``VIEW`` cells on every side."""
+        padded = np.empty((self.width + 2 * VIEW, self.height + 2 * VIEW, 3), dtype=np.uint8)
+        padded[...] = _WALL
+        padded[VIEW:-VIEW, VIEW:-VIEW] = self.grid.encode()
+        return padded
+
+    def egocentric_view(self) -> np.ndarray:
+        """MiniGrid's ``gen_obs()["image"]`` (with ``see_through_walls``) by array slicing: the grid only
+        changes when an object is picked up, so it is encoded once per layout, not every step."""
+        if self._world is None or self.carrying is not None:
+            self._world = self._encode_world()
+        x, y = int(self.agent_pos[0]), int(self.agent_pos[1])
+        half = VIEW // 2
+        top_x, top_y = ((x, y - half), (x - half, y), (x - VIEW + 1, y - half), (x - half, y - VIEW + 1))[
+            self.agent_dir
+        ]
+        window = self._world[top_x + VIEW : top_x + 2 * VIEW, top_y + VIEW : top_y + 2 * VIEW]
+        # MiniGrid rotates the window left (agent_dir + 1) times so that the agent faces up.
+        image = np.ascontiguousarray(np.rot90(window, k=-(self.agent_dir + 1), axes=(0, 1)))
+        image[half, VIEW - 1] = self.carrying.encode() if self.carrying is not None else _EMPTY
+        return image
+
     def gen_obs(self) -> dict[str, Any]:
-        obs = super().gen_obs()
-        image = obs["image"]
+        image = self.egocentric_view()
         if self.view_size < VIEW:
             image[self._hidden] = (UNSEEN, 0, 0)
-        kind, colour = self.target
-        return {"image": image, "target": np.array([TYPES.index(kind), COLOURS.index(colour)], dtype=np.int64)}
+        return {"image": image, "target": self._target_obs.copy()}
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = super().step(action)

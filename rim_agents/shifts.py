@@ -1,0 +1,296 @@
+"""Distribution shifts: named, parametrised changes to an environment, composable with ``+``.
+
+A shift either changes how the environment is built (``env_kwargs``: distractor palette and count,
+view size, Atari mode, difficulty, sticky actions) or transforms observations (a ``VecEnv``
+wrapper: flicker, occlusion, drawn distractors). ``flicker-0.5+occlusion-0.2`` applies both.
+
+==================  ========  ====================================================================
+name                families  what changes
+==================  ========  ====================================================================
+none                all       nothing (in distribution)
+novel-distractors   minigrid  distractors only from the held-out palette (boxes; purple, yellow,
+                              grey objects), never seen in training
+more-distractors    minigrid  twice as many distractors
+novel-and-more      minigrid  both of the above
+view-N              minigrid  an N x N view (N odd, 3 or 5), partial observability
+flicker-p           both      each observation blanked with probability p (Hausknecht & Stone
+                              2015): Atari blanks each frame before stacking; MiniGrid blanks
+                              the image (the target, an instruction, stays)
+occlusion-f         atari     a fixed full-width band covering a fraction f of the screen
+distractors-N       atari     N (default 3) novel moving bright squares drawn on every frame
+                              (in the spirit of Gamrian & Goldberg 2019)
+sticky-p            atari     repeat_action_probability p
+mode-M              atari     ALE game mode M (Farebrother et al. 2018; Breakout 12 hides bricks)
+difficulty-D        atari     ALE game difficulty D
+==================  ========  ====================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+
+from rim_agents.errors import UsageError
+
+FAMILIES = ("atari", "minigrid", "classic")
+FrameTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ShiftDef:
+    """A kind of shift: its name pattern, families, and how a parameter turns into changes."""
+
+    name: str
+    pattern: str  # regex with an optional group for the parameter
+    families: tuple[str, ...]
+    doc: str
+
+
+SHIFT_DEFS: tuple[ShiftDef, ...] = (
+    ShiftDef("none", r"none", FAMILIES, "nothing changes"),
+    ShiftDef("novel-distractors", r"novel-distractors", ("minigrid",), "distractors from the held-out palette"),
+    ShiftDef("more-distractors", r"more-distractors", ("minigrid",), "twice as many distractors"),
+    ShiftDef("novel-and-more", r"novel-and-more", ("minigrid",), "twice as many held-out distractors"),
+    ShiftDef("view-N", r"view-(\d+)", ("minigrid",), "an N x N view (N odd, 3..5)"),
+    ShiftDef("flicker-p", r"flicker-([0-9.]+)", ("atari", "minigrid"), "observations blanked with probability p"),
+    ShiftDef("occlusion-f", r"occlusion-([0-9.]+)", ("atari",), "a band covering a fraction f of the screen"),
+    ShiftDef("distractors-N", r"distractors(?:-(\d+))?", ("atari",), "N novel moving squares on every frame"),
+    ShiftDef("sticky-p", r"sticky-([0-9.]+)", ("atari",), "repeat_action_probability p"),
+    ShiftDef("mode-M", r"mode-(\d+)", ("atari",), "ALE game mode M"),
+    ShiftDef("difficulty-D", r"difficulty-(\d+)", ("atari",), "ALE game difficulty D"),
+)
+
+#: The shifts ``--shifts all`` runs, per family.
+DEFAULT_SHIFTS: dict[str, tuple[str, ...]] = {
+    "minigrid": ("none", "novel-distractors", "more-distractors", "novel-and-more", "view-5", "view-3", "flicker-0.5"),
+    "atari": ("none", "flicker-0.5", "occlusion-0.2", "distractors", "sticky-0.25"),
+    "classic": ("none",),
+}
+
+
+@dataclass
+class ShiftSpec:
+    """What a (composed) shift does to one environment."""
+
+    name: str
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    frame_transforms: list[tuple[str, FrameTransform]] = field(default_factory=list)  # Atari, per frame
+    image_blank_p: float = 0.0  # MiniGrid flicker
+
+    def wrap(self, venv: VecEnv, seed: int = 0) -> VecEnv:
+        """Apply the observation-level part of the shift to a ``VecEnv``."""
+        if self.frame_transforms:
+            venv = FrameShiftVecEnv(venv, [t for _, t in self.frame_transforms], seed)
+        if self.image_blank_p > 0:
+            venv = ImageFlickerVecEnv(venv, self.image_blank_p, seed)
+        return venv
+
+
+def shift_names(family: str) -> list[str]:
+    return [d.name for d in SHIFT_DEFS if family in d.families]
+
+
+def _probability(value: str, what: str) -> float:
+    p = float(value)
+    if not 0.0 <= p <= 1.0:
+        raise UsageError(f"shift {what}: {value} is not in [0, 1]")
+    return p
+
+
+def parse_shift(text: str, family: str, base_env_kwargs: dict[str, Any] | None = None, env_id: str = "") -> ShiftSpec:
+    """Turn ``"flicker-0.5+occlusion-0.2"`` into a :class:`ShiftSpec` for ``family``.
+
+    :param text: shift names joined by ``+``.
+    :param family: ``atari``, ``minigrid`` or ``classic``.
+    :param base_env_kwargs: the training env's ``env_kwargs`` (``more-distractors`` doubles their count).
+    :param env_id: the training env id (its registered defaults count too).
+    """
+    base = dict(gym.spec(env_id).kwargs) if env_id and env_id in gym.registry else {}
+    base.update(base_env_kwargs or {})
+    spec = ShiftSpec(name=text)
+    for part in text.split("+"):
+        part = part.strip()
+        match = None
+        for d in SHIFT_DEFS:
+            match = re.fullmatch(d.pattern, part)
+            if match:
+                break
+        if match is None:
+            raise UsageError(f"unknown shift {part!r}: valid shifts for {family} are {', '.join(shift_names(family))}")
+        if family not in d.families:
+            raise UsageError(
+                f"shift {part!r} does not apply to {family} environments; "
+                f"valid shifts for {family} are {', '.join(shift_names(family))}"
+            )
+        arg = match.group(1) if match.groups() else None
+        _apply(spec, d.name, arg, part, base, family)
+    return spec
+
+
+def _apply(spec: ShiftSpec, kind: str, arg: str | None, text: str, base: dict[str, Any], family: str) -> None:
+    kw = spec.env_kwargs
+    n_base = int(base.get("num_distractors", 3))
+    if kind in ("novel-distractors", "novel-and-more"):
+        kw["distractor_palette"] = "heldout"
+    if kind in ("more-distractors", "novel-and-more"):
+        kw["num_distractors"] = 2 * n_base
+    elif kind == "view-N":
+        assert arg is not None
+        if int(arg) not in (3, 5, 7):
+            raise UsageError(f"shift {text}: the view size must be 3, 5 or 7")
+        kw["view_size"] = int(arg)
+    elif kind == "flicker-p":
+        assert arg is not None
+        p = _probability(arg, text)
+        if family == "atari":
+            spec.frame_transforms.append((text, flicker(p)))
+        else:
+            spec.image_blank_p = p
+    elif kind == "occlusion-f":
+        assert arg is not None
+        spec.frame_transforms.append((text, occlusion(_probability(arg, text))))
+    elif kind == "distractors-N":
+        spec.frame_transforms.append((text, MovingSquares(int(arg) if arg else 3)))
+    elif kind == "sticky-p":
+        assert arg is not None
+        kw["repeat_action_probability"] = _probability(arg, text)
+    elif kind == "mode-M":
+        assert arg is not None
+        kw["mode"] = int(arg)
+    elif kind == "difficulty-D":
+        assert arg is not None
+        kw["difficulty"] = int(arg)
+
+
+# ------------------------------------------------------------------------------ frame transforms
+def flicker(p: float) -> FrameTransform:
+    """Blank each frame (all pixels 0) with probability ``p``."""
+
+    def apply(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        blank = rng.random(frames.shape[0]) < p
+        frames[blank] = 0
+        return frames
+
+    return apply
+
+
+def occlusion(fraction: float) -> FrameTransform:
+    """Black out a fixed full-width band, centred vertically, covering ``fraction`` of the screen."""
+
+    def apply(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        height = frames.shape[-2]
+        rows = round(fraction * height)
+        top = (height - rows) // 2
+        frames[..., top : top + rows, :] = 0
+        return frames
+
+    return apply
+
+
+class MovingSquares:
+    """``n`` bright 6x6 squares per env moving at constant speed and bouncing off the edges.
+
+    Called once per new frame (all envs at once); positions persist across calls.
+    """
+
+    def __init__(self, n: int, size: int = 6) -> None:
+        self.n, self.size = n, size
+        self.pos: np.ndarray | None = None
+        self.vel: np.ndarray | None = None
+        self.shade: np.ndarray | None = None
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n_envs, height, width = frames.shape[0], frames.shape[-2], frames.shape[-1]
+        limit = np.array([height - self.size, width - self.size], dtype=float)
+        if self.pos is None or self.pos.shape[0] != n_envs:
+            self.pos = rng.random((n_envs, self.n, 2)) * limit
+            self.vel = rng.uniform(-3, 3, (n_envs, self.n, 2))
+            self.shade = rng.integers(150, 256, (n_envs, self.n))
+        assert self.vel is not None and self.shade is not None
+        self.pos = self.pos + self.vel
+        bounce = (self.pos < 0) | (self.pos > limit)
+        self.vel[bounce] *= -1
+        self.pos = np.clip(self.pos, 0, limit)
+        for e in range(n_envs):
+            for j in range(self.n):
+                y, x = self.pos[e, j].astype(int)
+                frames[e, ..., y : y + self.size, x : x + self.size] = self.shade[e, j]
+        return frames
+
+
+class FrameShiftVecEnv(VecEnvWrapper):
+    """Apply per-frame transforms to channel-first stacked frames ``(n_envs, stack, H, W)``.
+
+    The wrapper keeps its own frame stack: each new frame (the newest of the env's stack) is
+    transformed once, so a frame blanked at step t stays blanked while it is in the stack. After a
+    reset, the env's initial stack is transformed frame by frame.
+    """
+
+    def __init__(self, venv: VecEnv, transforms: list[FrameTransform], seed: int = 0) -> None:
+        super().__init__(venv)
+        shape = venv.observation_space.shape
+        if shape is None or len(shape) != 3:
+            raise UsageError(f"frame shifts need stacked frames (stack, H, W), got observations of shape {shape}")
+        self.transforms = transforms
+        self.rng = np.random.default_rng(seed)
+        self.stack: np.ndarray | None = None
+
+    def _transform(self, frames: np.ndarray) -> np.ndarray:
+        frames = frames.copy()
+        for t in self.transforms:
+            frames = t(frames, self.rng)
+        return frames
+
+    def _fresh_stack(self, obs: np.ndarray) -> np.ndarray:
+        # Transform every frame of a new stack, frame index by frame index.
+        out = np.empty_like(obs)
+        for k in range(obs.shape[1]):
+            out[:, k] = self._transform(obs[:, k])
+        return out
+
+    def reset(self) -> np.ndarray:
+        obs = self.venv.reset()
+        assert isinstance(obs, np.ndarray)
+        self.stack = self._fresh_stack(obs)
+        return self.stack.copy()
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        assert isinstance(obs, np.ndarray) and self.stack is not None
+        newest = self._transform(obs[:, -1])
+        rolled = np.concatenate([self.stack[:, 1:], newest[:, None]], axis=1)
+        for i in np.flatnonzero(dones):
+            if "terminal_observation" in infos[i]:
+                infos[i]["terminal_observation"] = rolled[i].copy()
+            rolled[i] = self._fresh_stack(obs[i : i + 1])[0]
+        self.stack = rolled
+        return self.stack.copy(), rewards, dones, infos
+
+
+class ImageFlickerVecEnv(VecEnvWrapper):
+    """MiniGrid: blank the ``image`` of each observation (all cells "unseen") with probability ``p``."""
+
+    def __init__(self, venv: VecEnv, p: float, seed: int = 0) -> None:
+        super().__init__(venv)
+        self.p = p
+        self.rng = np.random.default_rng(seed)
+
+    def _blank(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        obs = {k: v.copy() for k, v in obs.items()}
+        blank = self.rng.random(obs["image"].shape[0]) < self.p
+        obs["image"][blank] = 0
+        return obs
+
+    def reset(self) -> Any:
+        return self._blank(self.venv.reset())  # type: ignore[arg-type]
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        return self._blank(obs), rewards, dones, infos  # type: ignore[arg-type]
