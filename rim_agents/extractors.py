@@ -56,9 +56,9 @@ class NatureCNNTokens(BaseFeaturesExtractor):
 class MiniGridExtractor(BaseFeaturesExtractor):
     """Dict observation ``{"image": (V, V, 3) cell indices, "target": (type, colour)}`` to a vector.
 
-    Each cell's (object, colour, state) indices are embedded and summed, two 3x3 convolutions keep
-    the ``V x V`` grid, and the target (one-hot, as SB3 encodes a ``MultiDiscrete`` space) is
-    embedded and concatenated before a final linear layer.
+    Each cell's (object, colour, state) indices are embedded and summed; two 3x3 convolutions keep
+    the ``V x V`` grid, each modulated channel-wise by the target (FiLM; the target arrives one-hot,
+    as SB3 encodes a ``MultiDiscrete`` space); a linear layer maps the grid to ``features_dim``.
 
     :param observation_space: ``Dict`` with ``image`` (``Box`` of integer indices, channel last) and
         optionally ``target`` (``MultiDiscrete``).
@@ -78,25 +78,25 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         self.max_index = int(image_space.high.max()) + 1
         self.embed = nn.Embedding(3 * self.max_index, embed_dim)
         self.register_buffer("offsets", th.arange(3) * self.max_index, persistent=False)
-        self.conv = nn.Sequential(
-            nn.Conv2d(embed_dim, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
+        self.conv1 = nn.Conv2d(embed_dim, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
         target_dim = get_flattened_obs_dim(observation_space["target"]) if "target" in observation_space.spaces else 0
-        self.target = nn.Linear(target_dim, embed_dim) if target_dim else None
-        self.head = nn.Sequential(nn.Linear(64 * V * V + (embed_dim if target_dim else 0), features_dim), nn.ReLU())
+        # FiLM (Perez et al. 2018), as in BabyAI: the target scales and shifts every channel of
+        # both convolutions, so cells that match it can stand out before the grid is flattened.
+        self.film = nn.Linear(target_dim, 2 * (32 + 64)) if target_dim else None
+        self.head = nn.Sequential(nn.Linear(64 * V * V, features_dim), nn.ReLU())
 
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         offsets: th.Tensor = self.offsets  # type: ignore[assignment]
         idx = observations["image"].long().clamp_(0, self.max_index - 1) + offsets  # (B, V, V, 3)
         grid = self.embed(idx).sum(dim=3).permute(0, 3, 1, 2)  # (B, E, V, V)
-        parts = [self.conv(grid)]
-        if self.target is not None:
-            parts.append(self.target(observations["target"].float()))
-        return self.head(th.cat(parts, dim=1))
+        h1 = self.conv1(grid)
+        if self.film is None:
+            return self.head(th.relu(self.conv2(th.relu(h1))).flatten(1))
+        g1, b1, g2, b2 = self.film(observations["target"].float()).split([32, 32, 64, 64], dim=1)
+        h2 = self.conv2(th.relu(h1 * (1 + g1[..., None, None]) + b1[..., None, None]))
+        h2 = h2 * (1 + g2[..., None, None]) + b2[..., None, None]
+        return self.head(th.relu(h2).flatten(1))
 
 
 EXTRACTORS: dict[str, type[BaseFeaturesExtractor]] = {
