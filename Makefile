@@ -42,6 +42,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) train.py --env BreakoutNoFrameskip-v4 --core rims --total-timesteps 16384 --run-dir runs/demo
+	$(PY) evaluate.py runs/demo --shifts all --episodes 4 --out runs/demo/eval
 
 bench: $(STAMP)
 	$(PY) benchmarks/core_speed.py
