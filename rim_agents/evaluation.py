@@ -308,19 +308,32 @@ def evaluate(
     }
 
 
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def aggregate(results: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
     """Group checkpoints whose configs differ only in the seed; IQM and stratified bootstrap."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(r["group"], []).append(r)
     envs = {r["env"] for r in results}
-    cores = [r["core"] for r in results]
+    flat = {key: _flatten(json.loads(key)) for key in groups}
     out = []
-    for i, members in enumerate(groups.values()):
+    for key, members in groups.items():
         first = members[0]
         label = first["core"] if len(envs) == 1 else f"{first['env']} {first['core']}"
-        if sum(c == first["core"] for c in cores) > len(members):  # two configs of one core
-            label = f"{label} #{i + 1}"
+        # Groups of one core that differ in other settings: name the settings that differ.
+        rivals = [flat[k] for k, m in groups.items() if m[0]["core"] == first["core"] and m[0]["env"] == first["env"]]
+        if len(rivals) > 1:
+            differing = sorted(k for k in flat[key] if len({str(r.get(k)) for r in rivals}) > 1)
+            label += " (" + ", ".join(f"{k.split('.')[-1]}={flat[key][k]}" for k in differing) + ")"
         shift_names = [s for s in first["shifts"] if all(s in m["shifts"] for m in members)]
         per_shift = {}
         for name in shift_names:

@@ -156,3 +156,27 @@ def test_bad_input_exits_2_without_outputs(pickup_runs: list[Path], tmp_path: Pa
 def test_evaluate_function_raises_usage_errors(pickup_runs: list[Path]) -> None:
     with pytest.raises(UsageError, match="no checkpoint given"):
         evaluate([])
+
+
+def test_aggregate_groups_seeds_and_names_ablations() -> None:
+    from rim_agents.evaluation import aggregate
+
+    def result(core: str, seed: int, k: int, value: float) -> dict:
+        group = json.dumps({"core": core, "env": "E", "rims": {"k_active": k}}, sort_keys=True)
+        shifts = {"none": {"mean_return": value, "drop": 0.0, "success_rate": None, "ci95": [value, value]}}
+        return {
+            "checkpoint": f"{core}{k}_{seed}",
+            "env": "E",
+            "core": core,
+            "seed": seed,
+            "group": group,
+            "shifts": shifts,
+        }
+
+    results = [result("rims", s, 2, float(s)) for s in range(4)] + [result("rims", s, 4, 10.0 + s) for s in range(2)]
+    results.append(result("lstm", 0, 2, 5.0))
+    groups = {g["label"]: g for g in aggregate(results)}
+    assert set(groups) == {"rims (k_active=2)", "rims (k_active=4)", "lstm"}
+    assert groups["rims (k_active=2)"]["seeds"] == [0, 1, 2, 3]
+    assert groups["rims (k_active=2)"]["shifts"]["none"]["iqm_return"] == pytest.approx(1.5)  # mean of 1, 2
+    assert groups["rims (k_active=4)"]["shifts"]["none"]["iqm_return"] == pytest.approx(10.5)

@@ -1,0 +1,118 @@
+"""RIMs against an LSTM on MiniGrid object picking, then both under every MiniGrid shift.
+
+Trains, on ``RIMAgents/Pickup-6x6-v0`` (a 6x6 room, a target and 2 training-palette distractors)
+with configs/minigrid.yaml's PPO settings, the same budget for every run:
+
+- ``rims`` and ``lstm``: ``--seeds`` seeds each (default 5);
+- ablations, ``--ablation-seeds`` each (default 3): ``rims`` with ``k = K`` (``rims-all-active``)
+  and ``rims`` without communication (``rims-no-comm``).
+
+Runs go two at a time, one torch thread each. A run whose ``final_model.zip`` exists is not run
+again, so an interrupted study continues where it stopped. Then ``evaluate.py`` runs every
+checkpoint under every MiniGrid shift and writes the aggregate table (IQM and 95% stratified
+bootstrap intervals over seeds) and chart to ``benchmarks/results/pickup_study/``.
+
+    python benchmarks/pickup_study.py [--steps 250000] [--seeds 5] [--ablation-seeds 3] [--episodes 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ENV = "RIMAgents/Pickup-6x6-v0"
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "rims": ("rims", []),
+    "lstm": ("lstm", []),
+    "rims-all-active": ("rims", ["rims.k_active=4"]),  # configs/minigrid.yaml: num_units 4
+    "rims-no-comm": ("rims", ["rims.communication=false"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=250_000, help="env steps per run")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of rims and lstm")
+    parser.add_argument("--ablation-seeds", type=int, default=3, help="seeds of each ablation")
+    parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per checkpoint and shift")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--runs-dir", default=str(RESULTS / "pickup_runs"))
+    parser.add_argument("--out", default=str(RESULTS / "pickup_study"))
+    args = parser.parse_args()
+
+    runs_dir = Path(args.runs_dir)
+    jobs: list[tuple[Path, list[str]]] = []
+    for name, (core, overrides) in VARIANTS.items():
+        n_seeds = args.seeds if name in ("rims", "lstm") else args.ablation_seeds
+        for seed in range(n_seeds):
+            run = runs_dir / f"{name}_s{seed}"
+            cmd = [
+                sys.executable,
+                str(ROOT / "train.py"),
+                "--env",
+                ENV,
+                "--core",
+                core,
+                "--seed",
+                str(seed),
+                "--total-timesteps",
+                str(args.steps),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "checkpoint_freq=0",
+                *overrides,
+            ]
+            jobs.append((run, cmd))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending = [(run, cmd) for run, cmd in jobs if not (run / "final_model.zip").is_file()]
+    running: list[tuple[Path, subprocess.Popen[bytes], float]] = []
+    for run, _ in jobs:
+        if (run / "final_model.zip").is_file():
+            print(f"done already: {run.name}", flush=True)
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            run, cmd = pending.pop(0)
+            if run.exists():  # an interrupted run: start it again from scratch
+                import shutil
+
+                shutil.rmtree(run)
+            run.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.parent / f"{run.name}.log", "wb")  # noqa: SIM115 (closed with the process)
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
+            print(f"started: {run.name}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            run, proc, start = item
+            if proc.poll() is not None:
+                running.remove(item)
+                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {run.name}.log"
+                print(f"finished: {run.name} in {time.time() - start:.0f} s: {status}", flush=True)
+
+    runs = [str(run) for run, _ in jobs if (run / "final_model.zip").is_file()]
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        *runs,
+        "--shifts",
+        "all",
+        "--episodes",
+        str(args.episodes),
+        "--out",
+        args.out,
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    print("evaluating: " + " ".join(cmd[1:3]) + " ...", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
