@@ -385,13 +385,14 @@ def format_table(results: dict[str, Any]) -> str:
     if results["groups"]:
         lines.append("")
         lines.append("Aggregated over seeds (IQM; 95% stratified bootstrap CI over seeds, over episodes for one seed):")
-        lines.append(f"  {'group':<16}{'seeds':>6}  {'shift':<28}{'IQM return':>11}{'95% CI':>22}{'IQM success':>12}")
+        w = max(16, *(len(g["label"]) + 2 for g in results["groups"]))
+        lines.append(f"  {'group':<{w}}{'seeds':>6}  {'shift':<28}{'IQM return':>11}{'95% CI':>22}{'IQM success':>12}")
         for g in results["groups"]:
             for name, s in g["shifts"].items():
                 ci = f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
                 succ = f"{s['iqm_success']:.2f}" if "iqm_success" in s else "-"
                 lines.append(
-                    f"  {g['label']:<16}{len(g['seeds']):>6}  {name:<28}{s['iqm_return']:>11.2f}{ci:>22}{succ:>12}"
+                    f"  {g['label']:<{w}}{len(g['seeds']):>6}  {name:<28}{s['iqm_return']:>11.2f}{ci:>22}{succ:>12}"
                 )
     return "\n".join(lines)
 
