@@ -166,10 +166,6 @@ class Checkpoint:
     config: TrainConfig
     model: RIMPPO
 
-    @property
-    def label(self) -> str:
-        return str(self.path)
-
 
 def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     """A run directory (its final model, else its newest checkpoint) or a checkpoint file."""
@@ -214,11 +210,10 @@ def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
 
 def _group_key(config: TrainConfig) -> str:
     data = config.to_dict()
-    for key in ("seed", "total_timesteps", "device", "checkpoint_freq", "rim_log_freq", "rim_image_freq"):
+    # Settings that do not change the trained agent's kind: runs differing only in these are seeds.
+    ignored = ("seed", "total_timesteps", "device", "checkpoint_freq", "rim_log_freq", "rim_image_freq")
+    for key in (*ignored, "eval_shifts", "eval_freq", "eval_episodes"):
         data.pop(key, None)
-    data.pop("eval_shifts", None)
-    data.pop("eval_freq", None)
-    data.pop("eval_episodes", None)
     return json.dumps(data, sort_keys=True)
 
 
