@@ -84,8 +84,8 @@ def train(kind: str, steps: int, batch_size: int, lr: float, seed: int, log_ever
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == steps:
-            curve.append((step, float(loss)))
-            print(f"  {kind:<9} step {step:>6}  train CE {float(loss):.3f}  ({time.time() - start:.0f} s)", flush=True)
+            curve.append((step, loss.item()))
+            print(f"  {kind:<9} step {step:>6}  train CE {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
     return {
         "model": kind,
         "steps": steps,
