@@ -80,7 +80,7 @@ def make_env(config: TrainConfig, seed: int | None = None, n_envs: int | None = 
 def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
     """A fresh model for ``config`` on ``env``; bad settings raise :class:`UsageError`."""
     ppo = config.ppo
-    if isinstance(env.observation_space, spaces.Dict) and config.policy.features_extractor not in ("minigrid",):
+    if isinstance(env.observation_space, spaces.Dict) and config.policy.features_extractor != "minigrid":
         raise UsageError(f"environment {config.env} has dict observations: set policy.features_extractor=minigrid")
     try:
         return RIMPPO(

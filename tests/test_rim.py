@@ -335,12 +335,16 @@ def test_ablation_no_input_attention_reads_input_and_all_active() -> None:
     core(x)
     assert core.last_activity["mask"].all()
     assert "input_attention" not in core.last_activity
-    # Every RIM's cell reads the raw input: a RIM's input weights change its own state.
+    # Every RIM's cell reads the raw input: changing RIM 2's input weights changes RIM 2's state
+    # from the first step (no communication here, so only RIM 2's).
+    isolated = make_core(input_attention=False, communication=False).eval()
+    x1 = th.randn(1, 3, D_IN)
     with th.no_grad():
-        core.cell.weight_ih[2].mul_(2.0)
-        x1 = th.randn(1, 3, D_IN)
-        out = core(x1)[0].view(3, 5, 8)
-    assert out.shape == (3, 5, 8)
+        before = isolated(x1)[0].view(3, 5, 8)
+        isolated.cell.weight_ih[2].mul_(2.0)
+        after = isolated(x1)[0].view(3, 5, 8)
+    assert not th.allclose(before[:, 2], after[:, 2])
+    assert th.equal(before[:, [0, 1, 3, 4]], after[:, [0, 1, 3, 4]])
 
 
 def test_ablation_k_equals_k_all_active() -> None:
