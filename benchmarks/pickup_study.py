@@ -1,11 +1,13 @@
 """RIMs against an LSTM on MiniGrid object picking, then both under every MiniGrid shift.
 
-Trains, on ``RIMAgents/Pickup-6x6-v0`` (a 6x6 room, a target and 2 training-palette distractors)
-with configs/minigrid.yaml's PPO settings, the same budget for every run:
+Trains, on ``RIMAgents/Pickup-6x6-v0`` with one distractor (a 6x6 room, a target and one
+training-palette distractor; ``more-distractors`` then means 2) with configs/minigrid.yaml's PPO
+settings, the same budget for every run:
 
 - ``rims`` and ``lstm``: ``--seeds`` seeds each (default 5);
-- ablations, ``--ablation-seeds`` each (default 3): ``rims`` with ``k = K`` (``rims-all-active``)
-  and ``rims`` without communication (``rims-no-comm``).
+- ablations, ``--ablation-seeds`` each (default 3): ``rims`` with ``k = K`` (``rims-all-active``),
+  ``rims`` without communication (``rims-no-comm``) and ``rims`` with bias-free queries
+  (``rims-no-query-bias``, the core before ``input_query_bias``).
 
 Runs go two at a time, one torch thread each. A run whose ``final_model.zip`` exists is not run
 again, so an interrupted study continues where it stopped. Then ``evaluate.py`` runs every
@@ -27,11 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ENV = "RIMAgents/Pickup-6x6-v0"
+ENV_OVERRIDES = ["env_options.env_kwargs.num_distractors=1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rims": ("rims", []),
     "lstm": ("lstm", []),
     "rims-all-active": ("rims", ["rims.k_active=4"]),  # configs/minigrid.yaml: num_units 4
     "rims-no-comm": ("rims", ["rims.communication=false"]),
+    "rims-no-query-bias": ("rims", ["rims.input_query_bias=false"]),
 }
 
 
@@ -67,6 +71,7 @@ def main() -> None:
                 str(run),
                 "--no-progress",
                 "checkpoint_freq=0",
+                *ENV_OVERRIDES,
                 *overrides,
             ]
             jobs.append((run, cmd))

@@ -76,6 +76,7 @@ class RIMConfig:
     input_heads: int = 1
     input_key_size: int = 64
     input_value_size: int | None = None  # default 4 * unit_size
+    input_query_bias: bool = True
     comm_heads: int = 4
     comm_key_size: int = 32
     comm_value_size: int | None = None  # default comm_key_size

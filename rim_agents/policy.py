@@ -67,6 +67,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
         self.core_name = core
         self.core_kwargs = dict(core_kwargs or {})
+        if core == "rims":
+            # Saved explicitly, so that RIMPPO.load can tell checkpoints from before the option.
+            self.core_kwargs.setdefault("input_query_bias", True)
         self._lstm_hidden_size = lstm_hidden_size
         lstm_kwargs = dict(lstm_kwargs or {})
         if core == "lstm":

@@ -31,8 +31,9 @@ from sb3_contrib.common.recurrent.type_aliases import (
     RNNStates,
 )
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_zip_file
 
-from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy
+from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
 
 _STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
 _FLAT_ARRAYS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts", *_STATE_ARRAYS)
@@ -164,8 +165,36 @@ class RIMPPO(RecurrentPPO):
         if _init_setup_model:
             self._setup_model()
 
+    @classmethod
+    def load(  # type: ignore[override]
+        cls,
+        path: Any,
+        env: Any = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RIMPPO:
+        """``RecurrentPPO.load``; a RIM policy saved before ``input_query_bias`` existed is rebuilt
+        without the query bias, as it was trained."""
+        custom_objects = dict(custom_objects or {})
+        if "policy_kwargs" not in custom_objects:
+            data, _, _ = load_from_zip_file(path, custom_objects=custom_objects, device="cpu")
+            policy_kwargs = dict((data or {}).get("policy_kwargs") or {})
+            core_kwargs = dict(policy_kwargs.get("core_kwargs") or {})
+            if policy_kwargs.get("core", "rims") == "rims" and "input_query_bias" not in core_kwargs:
+                core_kwargs["input_query_bias"] = False
+                custom_objects["policy_kwargs"] = {**policy_kwargs, "core_kwargs": core_kwargs}
+        return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)
+
     def _setup_model(self) -> None:
         super()._setup_model()
+        if isinstance(self.policy, RIMPolicy):
+            # Save the resolved core settings (defaults included), not only what was passed.
+            self.policy_kwargs = {
+                **self.policy_kwargs,
+                "core": self.policy.core_name,
+                "core_kwargs": dict(self.policy.core_kwargs),
+            }
         if self.seq_len is None:
             return
         lstm: Any = self.policy.lstm_actor

@@ -52,7 +52,10 @@ class StepInput:
     gates of a cell. Single-vector input with input attention (``tokens is False``):
 
     * ``score_proj``: ``W_q,i k_h / sqrt(d_k)``, so that RIM ``i``'s score for head ``h`` is
-      ``h_i . score_proj[i, :, :, h]``: ``(*L, K, B, d_h)`` for one head, else ``(*L, K, B, d_h, H)``.
+      ``h_i . score_proj[i, :, :, h] + score_bias[i, :, h]``: ``(*L, K, B, d_h)`` for one head, else
+      ``(*L, K, B, d_h, H)``.
+    * ``score_bias``: ``b_q,i . k_h / sqrt(d_k)``, the query bias's part of the score,
+      ``(*L, K, B, H)``; None without a query bias.
     * ``gate_proj``: head ``h``'s value mapped by RIM ``i``'s cell input weights, so that the cell's
       input is ``sum_h p_ih gate_proj[i, :, h]``: ``(*L, K, B, G*d_h)`` for one head, else
       ``(*L, K, B, H, G*d_h)``. Without input attention it is the input (the mean of the tokens)
@@ -65,6 +68,7 @@ class StepInput:
 
     tokens: bool
     score_proj: th.Tensor | None = None
+    score_bias: th.Tensor | None = None
     gate_proj: th.Tensor | None = None
     keys: th.Tensor | None = None
     values: th.Tensor | None = None
@@ -76,12 +80,12 @@ class StepInput:
         ``unbind`` (not indexing) keeps the backward pass linear in ``T``: the gradient of an
         indexed slice would allocate and fill a buffer of the whole sequence at every step.
         """
-        fields = [self.score_proj, self.gate_proj, self.keys, self.values]
+        fields = [self.score_proj, self.score_bias, self.gate_proj, self.keys, self.values]
         T = next(f for f in fields if f is not None).shape[0]
         split = [list(f.unbind(0)) if f is not None else [None] * T for f in fields]
         return [
-            StepInput(self.tokens, score_proj=sp, gate_proj=gp, keys=k, values=v, bias=self.bias)
-            for sp, gp, k, v in zip(*split, strict=True)
+            StepInput(self.tokens, score_proj=sp, score_bias=sb, gate_proj=gp, keys=k, values=v, bias=self.bias)
+            for sp, sb, gp, k, v in zip(*split, strict=True)
         ]
 
 
@@ -98,6 +102,13 @@ class RIMCell(nn.Module):
     :param input_key_size: key/query width ``d_k`` per input-attention head.
     :param input_value_size: total value width of the input attention (all heads); default
         ``4 * unit_size`` as in the paper. Must be divisible by ``input_heads``.
+    :param input_query_bias: if True (default), each RIM's query is affine in its state,
+        ``q_i = W_q,i h_i + b_q,i``. Without the bias a RIM whose state is zero (every RIM at an
+        episode start, and a RIM dormant since then) scores exactly 0 on every input, so all such
+        RIMs tie at attention 1/2 whatever the input, and the top-k falls back to RIM order: at an
+        episode start the first ``k`` RIMs always win, and a RIM still at zero can only be chosen
+        when an active RIM turns away from the input. The null token's key is zero either way, so
+        its score stays exactly 0: the bias does not tilt the choice towards or away from the null.
     :param comm_heads: heads of the communication attention.
     :param comm_key_size: key/query width per communication head.
     :param comm_value_size: value width per communication head; default ``comm_key_size``.
@@ -121,6 +132,7 @@ class RIMCell(nn.Module):
         input_heads: int = 1,
         input_key_size: int = 64,
         input_value_size: int | None = None,
+        input_query_bias: bool = True,
         comm_heads: int = 4,
         comm_key_size: int = 32,
         comm_value_size: int | None = None,
@@ -173,6 +185,7 @@ class RIMCell(nn.Module):
         self.input_heads = input_heads
         self.input_key_size = input_key_size
         self.input_value_size = input_value_size
+        self.input_query_bias = input_query_bias and input_attention
         self.comm_heads = comm_heads
         self.comm_key_size = comm_key_size
         self.comm_value_size = comm_value_size
@@ -192,6 +205,8 @@ class RIMCell(nn.Module):
             self.input_value = nn.Linear(input_size, input_value_size, bias=False)
             # Per-RIM queries from the previous state.
             self.input_query = nn.Parameter(th.empty(K, d_h, input_heads * input_key_size))
+            if input_query_bias:
+                self.input_query_b = nn.Parameter(th.empty(K, 1, input_heads * input_key_size))
             cell_in = input_value_size
         else:
             cell_in = input_size
@@ -217,6 +232,8 @@ class RIMCell(nn.Module):
             self.input_key.reset_parameters()
             self.input_value.reset_parameters()
             _uniform_(self.input_query, d_h)
+            if self.input_query_bias:
+                _uniform_(self.input_query_b, d_h)
         # nn.LSTM / nn.GRU: every weight and bias U(-1/sqrt(d_h), 1/sqrt(d_h)).
         for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
             _uniform_(p, d_h)
@@ -265,12 +282,22 @@ class RIMCell(nn.Module):
         # Fold each RIM's query map into the keys: score_ih = h_i . (W_q,i[:, h] k_h) / sqrt(d_k).
         w_q = self.input_query.unflatten(-1, (H, self.input_key_size)) * (self.input_key_size**-0.5)
         score_proj = th.einsum("tbhe,kdhe->tkbdh", keys, w_q)
+        score_bias = None
+        if self.input_query_bias:
+            b_q = self.input_query_b.view(K, H, self.input_key_size) * (self.input_key_size**-0.5)
+            score_bias = th.einsum("tbhe,khe->tkbh", keys, b_q).contiguous()
         # Fold each RIM's cell input weights into the values: W_ih,i A_i = sum_h p_ih (W_ih,i[h] v_h).
         w_ih = self.weight_ih.unflatten(1, (H, self.input_value_size // H))
         gate_proj = th.einsum("tbhv,khvg->tkbhg", values, w_ih)
         if H == 1:
             score_proj, gate_proj = score_proj.squeeze(-1), gate_proj.squeeze(-2)
-        return StepInput(False, score_proj=score_proj.contiguous(), gate_proj=gate_proj.contiguous(), bias=bias)
+        return StepInput(
+            False,
+            score_proj=score_proj.contiguous(),
+            score_bias=score_bias,
+            gate_proj=gate_proj.contiguous(),
+            bias=bias,
+        )
 
     # ------------------------------------------------------------------ one step
     def _attend_input(self, inp: StepInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
@@ -287,7 +314,10 @@ class RIMCell(nn.Module):
             assert inp.keys is not None and inp.values is not None
             K, B = h.shape[0], h.shape[1]
             H, d_k = self.input_heads, self.input_key_size
-            q = th.bmm(h, self.input_query).view(K, B, H, d_k)
+            q = th.bmm(h, self.input_query)
+            if self.input_query_bias:
+                q = q + self.input_query_b
+            q = q.view(K, B, H, d_k)
             scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
             # The null token's key is zero, so its score is exactly zero.
             scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
@@ -301,11 +331,13 @@ class RIMCell(nn.Module):
         # Softmax over {null (score 0), input (score s)} is sigmoid(s). Broadcast products, not
         # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
         if self.input_heads == 1:
-            p = th.sigmoid((h * inp.score_proj).sum(dim=-1, keepdim=True))  # (K, B, 1)
+            score = (h * inp.score_proj).sum(dim=-1, keepdim=True)  # (K, B, 1)
+            p = th.sigmoid(score if inp.score_bias is None else score + inp.score_bias)
             null_att = 1.0 - p.squeeze(-1)
             p = F.dropout(p, self.input_dropout, self.training)
             return th.addcmul(inp.bias, p, inp.gate_proj), null_att, None
-        p = th.sigmoid((h.unsqueeze(-1) * inp.score_proj).sum(dim=-2))  # (K, B, H)
+        score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
+        p = th.sigmoid(score if inp.score_bias is None else score + inp.score_bias)
         null_att = 1.0 - p.mean(dim=-1)
         p = F.dropout(p, self.input_dropout, self.training)
         return inp.bias + (p.unsqueeze(-1) * inp.gate_proj).sum(dim=-2), null_att, None

@@ -315,6 +315,28 @@ def test_save_load_round_trip(core: str, tmp_path) -> None:
         assert th.equal(a, b)
 
 
+def test_checkpoint_from_before_the_query_bias_loads(tmp_path) -> None:
+    """A RIM model saved without ``input_query_bias`` in its settings (as before the option existed)
+    is rebuilt without the bias, loads, and acts as it did; a new one keeps its bias."""
+    kwargs = policy_kwargs("rims")
+    kwargs["core_kwargs"] = {**SMALL_RIMS, "input_query_bias": False}
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, seed=0, policy_kwargs=kwargs)
+    assert model.policy_kwargs["core_kwargs"]["input_query_bias"] is False
+    model.policy_kwargs["core_kwargs"] = dict(SMALL_RIMS)  # what an old checkpoint stored
+    obs_seq = np.random.default_rng(0).normal(size=(6, 2, 4)).astype(np.float32)
+    expected = _predict_sequence(model, obs_seq)
+    model.save(tmp_path / "old.zip")
+    loaded = RIMPPO.load(tmp_path / "old.zip")
+    assert not hasattr(loaded.policy.lstm_actor.cell, "input_query_b")
+    for a, b in zip(_predict_sequence(loaded, obs_seq), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    new = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, seed=0, policy_kwargs=policy_kwargs("rims"))
+    assert new.policy_kwargs["core_kwargs"]["input_query_bias"] is True
+    new.save(tmp_path / "new.zip")
+    assert RIMPPO.load(tmp_path / "new.zip").policy.lstm_actor.cell.input_query_bias
+
+
 def test_same_seed_same_training() -> None:
     def run() -> tuple[list[th.Tensor], np.ndarray]:
         model = RIMPPO(
@@ -341,7 +363,7 @@ def test_same_seed_same_training() -> None:
 def test_policy_constructor_parameters_round_trip() -> None:
     model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", enable_critic_lstm=False))
     params = model.policy._get_constructor_parameters()
-    assert params["core"] == "rims" and params["core_kwargs"] == SMALL_RIMS
+    assert params["core"] == "rims" and params["core_kwargs"] == {**SMALL_RIMS, "input_query_bias": True}
     assert params["enable_critic_lstm"] is False
     clone = RIMPolicy(**copy.deepcopy(params))
     assert clone.lstm_actor.hidden_size == model.policy.lstm_actor.hidden_size

@@ -52,7 +52,10 @@ def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> t
         values = (x_null @ cell.input_value.weight.T).view(-1, H, d_v)
         reads, null_att = [], []
         for i in range(K):
-            q = (h[i] @ cell.input_query[i]).view(H, d_k)
+            q = h[i] @ cell.input_query[i]
+            if cell.input_query_bias:
+                q = q + cell.input_query_b[i, 0]
+            q = q.view(H, d_k)
             probs = th.softmax(th.einsum("he,nhe->hn", q, keys) / math.sqrt(d_k), dim=-1)
             reads.append(th.einsum("hn,nhv->hv", probs, values).reshape(-1))
             null_att.append(probs[:, 0].mean())
@@ -129,6 +132,8 @@ CONFIGS = [
     {"input_attention": False},
     {"k_active": 5},
     {"k_active": 1},
+    {"input_query_bias": False},
+    {"input_query_bias": False, "input_heads": 2, "input_value_size": 16},
 ]
 
 
@@ -266,7 +271,7 @@ def test_gradients_reach_every_parameter(kwargs: dict[str, object], tokens: bool
 def test_rim_dormant_for_every_element_gets_no_cell_gradient(cell: str) -> None:
     core = make_core(cell=cell, k_active=2).eval()
     core.track_activity = True
-    cell_params = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "input_query"]
+    cell_params = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "input_query", "input_query_b"]
     found = False
     for seed in range(50):
         th.manual_seed(seed)
@@ -306,6 +311,35 @@ def test_null_token_key_and_value_are_zero() -> None:
     z = th.zeros(1, D_IN)
     assert th.count_nonzero(core.cell.input_key(z)) == 0
     assert th.count_nonzero(core.cell.input_value(z)) == 0
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_zero_state_selection_depends_on_the_input(tokens: bool) -> None:
+    """At an episode start every state is zero. With the query bias the RIMs still attend to the
+    input differently, so which RIMs start depends on the input; without it they all tie at the
+    same null attention and the tie-break (torch.topk's, not the input) picks one fixed set."""
+    th.manual_seed(0)
+    x = th.randn(1, 64, 3, D_IN) if tokens else th.randn(1, 64, D_IN)
+    chosen = {}
+    for bias in (True, False):
+        core = make_core(input_query_bias=bias, k_active=2).eval()
+        core.track_activity = True
+        core(x)
+        null = core.last_activity["input_attention"][0, ..., 0]  # (B, K)
+        chosen[bias] = {tuple(row.nonzero().flatten().tolist()) for row in core.last_activity["mask"][0]}
+        if not bias:
+            assert th.equal(null, null[:1, :1].expand_as(null))  # one value for every RIM and input
+            assert len(chosen[bias]) == 1
+    assert len(chosen[True]) > 1
+
+
+def test_query_bias_leaves_the_null_score_zero() -> None:
+    """The bias moves each RIM's score on the real input only: with an all-zero input (the null
+    token's twin) every RIM attends half to it and half to the null token, bias or not."""
+    core = make_core(k_active=2).eval()
+    core.track_activity = True
+    core(th.zeros(1, 5, D_IN))
+    th.testing.assert_close(core.last_activity["input_attention"][..., 0], th.full((1, 5, core.cell.num_units), 0.5))
 
 
 def test_initial_state_is_zero() -> None:
