@@ -20,6 +20,7 @@ bootstrap intervals over seeds) and chart to ``benchmarks/results/pickup_study/`
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -48,11 +49,18 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--runs-dir", default=str(RESULTS / "pickup_runs"))
     parser.add_argument("--out", default=str(RESULTS / "pickup_study"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
+    parser.add_argument("--skip-eval", action="store_true", help="train and summarise, do not evaluate")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    for name in variants:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
 
     runs_dir = Path(args.runs_dir)
     jobs: list[tuple[Path, list[str]]] = []
-    for name, (core, overrides) in VARIANTS.items():
+    for name in variants:
+        core, overrides = VARIANTS[name]
         n_seeds = args.seeds if name in ("rims", "lstm") else args.ablation_seeds
         for seed in range(n_seeds):
             run = runs_dir / f"{name}_s{seed}"
@@ -102,6 +110,9 @@ def main() -> None:
                 print(f"finished: {run.name} in {time.time() - start:.0f} s: {status}", flush=True)
 
     runs = [str(run) for run, _ in jobs if (run / "final_model.zip").is_file()]
+    write_activity(Path(args.out), [Path(r) for r in runs])
+    if args.skip_eval:
+        return
     cmd = [
         sys.executable,
         str(ROOT / "evaluate.py"),
@@ -117,6 +128,41 @@ def main() -> None:
     ]
     print("evaluating: " + " ".join(cmd[1:3]) + " ...", flush=True)
     subprocess.run(cmd, check=True)
+
+
+def write_activity(out: Path, runs: list[Path]) -> None:
+    """What the RIMs of each run did in its last logged rollout (``rims/*`` in ``tb/progress.csv``):
+    how often each RIM was active and how often the active set changed, to ``rim_activity.csv``."""
+    rows = []
+    for run in runs:
+        log = run / "tb" / "progress.csv"
+        if not log.is_file():
+            continue
+        with log.open() as f:
+            logged = [r for r in csv.DictReader(f) if r.get("rims/switch_rate")]
+        if not logged:
+            continue  # not a RIM run
+        last = logged[-1]
+        fracs = [float(v) for k, v in sorted(last.items()) if k.startswith("rims/active_frac/") and v]
+        rows.append(
+            {
+                "run": run.name,
+                "timesteps": last["time/total_timesteps"],
+                "active_frac": " ".join(f"{v:.2f}" for v in fracs),
+                "rims_ever_active": sum(v > 0.01 for v in fracs),
+                "switch_rate": f"{float(last['rims/switch_rate']):.3f}",
+                "null_attention": f"{float(last['rims/null_attention']):.3f}",
+            }
+        )
+    if not rows:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "rim_activity.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 if __name__ == "__main__":
