@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,36 @@ def main() -> None:
     ]
     print("evaluating: " + " ".join(cmd[1:3]) + " ...", flush=True)
     subprocess.run(cmd, check=True)
+    write_markdown(Path(args.out))
+
+
+def write_markdown(out: Path) -> None:
+    """``table.md`` from the evaluation's ``results.json``: IQM success [95% interval] per variant and
+    shift, and each run's in-distribution success."""
+    results = json.loads((out / "results.json").read_text())
+    per_run = {Path(c["run_dir"]).name: c for c in results["checkpoints"]}
+    columns = []  # (variant, group)
+    for group in results["groups"]:
+        variant = Path(group["checkpoints"][0]).parent.name.rsplit("_s", 1)[0]
+        columns.append((variant, group))
+    shifts = list(dict.fromkeys(name for _, g in columns for name in g["shifts"]))
+    lines = [
+        "| shift | " + " | ".join(f"{v}, {len(g['seeds'])} seeds" for v, g in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for shift in shifts:
+        cells = []
+        for _, g in columns:
+            r = g["shifts"].get(shift)
+            low, high = r["success_ci95"] if r else (0.0, 0.0)
+            cells.append(f"{r['iqm_success']:.2f} [{low:.2f}, {high:.2f}]" if r else "-")
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    lines += ["", "In-distribution success per run:", ""]
+    for variant, _ in columns:
+        runs = sorted(name for name in per_run if name.rsplit("_s", 1)[0] == variant)
+        lines.append(f"- {variant}: " + " ".join(f"{per_run[r]['shifts']['none']['success_rate']:.2f}" for r in runs))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def write_activity(out: Path, runs: list[Path]) -> None:

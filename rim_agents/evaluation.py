@@ -463,7 +463,8 @@ def chart_png(results: dict[str, Any]) -> bytes:
     groups = results["groups"]
     shift_names = list(dict.fromkeys(name for g in groups for name in g["shifts"]))
     use_success = all("iqm_success" in s for g in groups for s in g["shifts"].values())
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shift_names) * max(1, len(groups)) / 2 + 2), 4.0))
+    n_bars = len(shift_names) * max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.3 * n_bars + 2)), 4.0))
     width = 0.8 / max(1, len(groups))
     x = np.arange(len(shift_names))
     for k, g in enumerate(groups):
@@ -482,10 +483,12 @@ def chart_png(results: dict[str, Any]) -> bytes:
     ax.set_xticks(x, shift_names, rotation=20, ha="right")
     ax.set_ylabel("IQM success rate" if use_success else "IQM return")
     ax.set_title(f"{groups[0]['env']}: robustness to shifts (95% CI)" if groups else "")
-    ax.legend()
-    fig.tight_layout()
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    # Below the axes, so that it never hides a bar.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(groups) > 1 else 1, fontsize="small")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
