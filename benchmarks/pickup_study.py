@@ -1,8 +1,8 @@
 """RIMs against an LSTM on MiniGrid object picking, then both under every MiniGrid shift.
 
-Trains, on ``RIMAgents/Pickup-6x6-v0`` with one distractor (a 6x6 room, a target and one
-training-palette distractor; ``more-distractors`` then means 2) with configs/minigrid.yaml's PPO
-settings, the same budget for every run:
+Trains, by default on ``RIMAgents/Pickup-6x6-v0`` with one distractor (a 6x6 room, a target and one
+training-palette distractor; ``more-distractors`` then means 2; ``--env`` and ``--num-distractors``
+change it), with configs/minigrid.yaml's PPO settings and the same budget for every run:
 
 - ``rims`` and ``lstm``: ``--seeds`` seeds each (default 5);
 - ablations, ``--ablation-seeds`` each (default 3): ``rims`` with ``k = K`` (``rims-all-active``),
@@ -12,9 +12,14 @@ settings, the same budget for every run:
 Runs go two at a time, one torch thread each. A run whose ``final_model.zip`` exists is not run
 again, so an interrupted study continues where it stopped. Then ``evaluate.py`` runs every
 checkpoint under every MiniGrid shift and writes the aggregate table (IQM and 95% stratified
-bootstrap intervals over seeds) and chart to ``benchmarks/results/pickup_study/``.
+bootstrap intervals over seeds) and chart to ``benchmarks/results/pickup_study/``, with
+``table.md`` (IQM success and intervals, per-run success) and ``rim_activity.csv`` (what each RIM
+run's top-k did in its last logged rollout).
 
-    python benchmarks/pickup_study.py [--steps 250000] [--seeds 5] [--ablation-seeds 3] [--episodes 100]
+The README's main table (about an hour)::
+
+    python benchmarks/pickup_study.py --steps 400000 --runs-dir benchmarks/results/pickup_runs_400k
+        --variants rims,lstm,rims-all-active,rims-no-comm
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ENV = "RIMAgents/Pickup-6x6-v0"
-ENV_OVERRIDES = ["env_options.env_kwargs.num_distractors=1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rims": ("rims", []),
     "lstm": ("lstm", []),
@@ -43,6 +47,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default=ENV, help="a RIMAgents/Pickup-* id")
+    parser.add_argument(
+        "--num-distractors", type=int, default=1, help="distractors in training (-1: the env id's own count)"
+    )
     parser.add_argument("--steps", type=int, default=250_000, help="env steps per run")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of rims and lstm")
     parser.add_argument("--ablation-seeds", type=int, default=3, help="seeds of each ablation")
@@ -58,6 +66,9 @@ def main() -> None:
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
 
+    env_overrides = []
+    if args.num_distractors >= 0:
+        env_overrides.append(f"env_options.env_kwargs.num_distractors={args.num_distractors}")
     runs_dir = Path(args.runs_dir)
     jobs: list[tuple[Path, list[str]]] = []
     for name in variants:
@@ -69,7 +80,7 @@ def main() -> None:
                 sys.executable,
                 str(ROOT / "train.py"),
                 "--env",
-                ENV,
+                args.env,
                 "--core",
                 core,
                 "--seed",
@@ -80,7 +91,7 @@ def main() -> None:
                 str(run),
                 "--no-progress",
                 "checkpoint_freq=0",
-                *ENV_OVERRIDES,
+                *env_overrides,
                 *overrides,
             ]
             jobs.append((run, cmd))
