@@ -137,9 +137,15 @@ def main() -> None:
         print(f"training {kind}: {steps} steps, batch {batch_size}, Adam {args.lr}", flush=True)
         new[kind] = train(kind, steps, batch_size, args.lr, args.seed, max(1, steps // 10))
     rows = [new.get(kind) or kept[kind] for kind in MODELS if kind in new or kind in kept]
+    write_results(out, suffix, settings, rows)
+
+
+def write_results(out: Path, suffix: str, settings: dict[str, object], rows: list[dict[str, object]]) -> None:
+    """``copying{suffix}.json`` (settings and rows) and ``copying{suffix}.md`` (the table)."""
     paper = {"rims": 0.00, "lstm-600": 3.56, "lstm-300": 4.32}
     lines = [
-        f"Copying task, train dormant 50, {steps} steps x batch {batch_size}, Adam {args.lr}, seed {args.seed}; "
+        f"Copying task, train dormant 50, {settings['steps']} steps x batch {settings['batch_size']}, "
+        f"Adam {settings['lr']}, seed {settings['seed']}; "
         "cross-entropy in nats per output symbol (chance: ln 8 = 2.08).",
         "",
         "| model | test CE, dormant 50 | test CE, dormant 200 | paper, dormant 200 | train time (s) |",
@@ -153,7 +159,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    (out / f"copying{suffix}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     (out / f"copying{suffix}.md").write_text(table + "\n")
 
 

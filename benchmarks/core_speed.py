@@ -36,7 +36,7 @@ class LoopRIMReference(nn.Module):
         d_k, d_v, self.Hc, self.dc = 64, 4 * unit_size, 4, 32
         self.key = nn.Linear(input_size, d_k, bias=False)
         self.value = nn.Linear(input_size, d_v, bias=False)
-        self.query = nn.ModuleList(nn.Linear(unit_size, d_k, bias=False) for _ in range(num_units))
+        self.query = nn.ModuleList(nn.Linear(unit_size, d_k) for _ in range(num_units))  # with the query bias
         self.cells = nn.ModuleList(nn.LSTMCell(d_v, unit_size) for _ in range(num_units))
         self.comm_qkv = nn.ModuleList(nn.Linear(unit_size, 3 * self.Hc * self.dc, bias=False) for _ in range(num_units))
         self.comm_out = nn.ModuleList(nn.Linear(self.Hc * self.dc, unit_size) for _ in range(num_units))
