@@ -179,9 +179,12 @@ class RIMPPO(RecurrentPPO):
         custom_objects = dict(custom_objects or {})
         if "policy_kwargs" not in custom_objects:
             data, _, _ = load_from_zip_file(path, custom_objects=custom_objects, device="cpu")
-            policy_kwargs = dict((data or {}).get("policy_kwargs") or {})
+            data = data or {}
+            policy_class = data.get("policy_class")
+            policy_kwargs = dict(data.get("policy_kwargs") or {})
             core_kwargs = dict(policy_kwargs.get("core_kwargs") or {})
-            if policy_kwargs.get("core", "rims") == "rims" and "input_query_bias" not in core_kwargs:
+            is_rims = isinstance(policy_class, type) and issubclass(policy_class, RIMPolicy)
+            if is_rims and policy_kwargs.get("core", "rims") == "rims" and "input_query_bias" not in core_kwargs:
                 core_kwargs["input_query_bias"] = False
                 custom_objects["policy_kwargs"] = {**policy_kwargs, "core_kwargs": core_kwargs}
         return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)

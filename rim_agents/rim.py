@@ -105,10 +105,11 @@ class RIMCell(nn.Module):
     :param input_query_bias: if True (default), each RIM's query is affine in its state,
         ``q_i = W_q,i h_i + b_q,i``. Without the bias a RIM whose state is zero (every RIM at an
         episode start, and a RIM dormant since then) scores exactly 0 on every input, so all such
-        RIMs tie at attention 1/2 whatever the input, and the top-k falls back to RIM order: at an
-        episode start the first ``k`` RIMs always win, and a RIM still at zero can only be chosen
-        when an active RIM turns away from the input. The null token's key is zero either way, so
-        its score stays exactly 0: the bias does not tilt the choice towards or away from the null.
+        RIMs tie at attention 1/2 whatever the input, and the top-k falls back to ``topk``'s
+        tie-break: at an episode start the same ``k`` RIMs win for every input, and a RIM still at
+        zero can only be chosen when an active RIM turns away from the input. The null token's key
+        is zero either way, so its score stays exactly 0: the bias does not tilt the choice towards
+        or away from the null.
     :param comm_heads: heads of the communication attention.
     :param comm_key_size: key/query width per communication head.
     :param comm_value_size: value width per communication head; default ``comm_key_size``.

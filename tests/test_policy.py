@@ -337,6 +337,17 @@ def test_checkpoint_from_before_the_query_bias_loads(tmp_path) -> None:
     assert RIMPPO.load(tmp_path / "new.zip").policy.lstm_actor.cell.input_query_bias
 
 
+def test_stock_recurrent_ppo_model_loads_with_rimppo(tmp_path) -> None:
+    model = RecurrentPPO("MlpLstmPolicy", "CartPole-v1", n_steps=16, seed=0, policy_kwargs={"lstm_hidden_size": 8})
+    obs_seq = np.random.default_rng(0).normal(size=(5, 2, 4)).astype(np.float32)
+    expected = _predict_sequence(model, obs_seq)
+    model.save(tmp_path / "stock.zip")
+    loaded = RIMPPO.load(tmp_path / "stock.zip")
+    assert type(loaded.policy) is type(model.policy)
+    for a, b in zip(_predict_sequence(loaded, obs_seq), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_same_seed_same_training() -> None:
     def run() -> tuple[list[th.Tensor], np.ndarray]:
         model = RIMPPO(
