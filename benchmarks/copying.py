@@ -126,7 +126,7 @@ def main() -> None:
     out = Path(args.out)
     settings = {"steps": steps, "batch_size": batch_size, "lr": args.lr, "seed": args.seed, "quick": args.quick}
     suffix = "_quick" if args.quick else ""
-    stored = out / f"copying{suffix}.json"
+    stored = result_path(out, suffix, "json")
     kept: dict[str, dict[str, object]] = {}
     if stored.is_file():
         previous = json.loads(stored.read_text())
@@ -159,8 +159,13 @@ def write_results(out: Path, suffix: str, settings: dict[str, object], rows: lis
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"copying{suffix}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
-    (out / f"copying{suffix}.md").write_text(table + "\n")
+    result_path(out, suffix, "json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    result_path(out, suffix, "md").write_text(table + "\n")
+
+
+def result_path(out: Path, suffix: str, ext: str) -> Path:
+    """``copying.json``, ``copying_quick.md``, ..."""
+    return out / f"copying{suffix}.{ext}"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,8 +107,6 @@ def main() -> None:
         while pending and len(running) < args.parallel:
             run, cmd = pending.pop(0)
             if run.exists():  # an interrupted run: start it again from scratch
-                import shutil
-
                 shutil.rmtree(run)
             run.parent.mkdir(parents=True, exist_ok=True)
             log = open(run.parent / f"{run.name}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -121,14 +120,14 @@ def main() -> None:
                 status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {run.name}.log"
                 print(f"finished: {run.name} in {time.time() - start:.0f} s: {status}", flush=True)
 
-    runs = [str(run) for run, _ in jobs if (run / "final_model.zip").is_file()]
-    write_activity(Path(args.out), [Path(r) for r in runs])
+    runs = [run for run, _ in jobs if (run / "final_model.zip").is_file()]
+    write_activity(Path(args.out), runs)
     if args.skip_eval:
         return
     cmd = [
         sys.executable,
         str(ROOT / "evaluate.py"),
-        *runs,
+        *map(str, runs),
         "--shifts",
         "all",
         "--episodes",
@@ -143,15 +142,18 @@ def main() -> None:
     write_markdown(Path(args.out))
 
 
+def variant_of(run: str) -> str:
+    """``rims-no-comm_s2`` -> ``rims-no-comm``."""
+    return run.rsplit("_s", 1)[0]
+
+
 def write_markdown(out: Path) -> None:
     """``table.md`` from the evaluation's ``results.json``: IQM success [95% interval] per variant and
     shift, and each run's in-distribution success."""
     results = json.loads((out / "results.json").read_text())
     per_run = {Path(c["run_dir"]).name: c for c in results["checkpoints"]}
-    columns = []  # (variant, group)
-    for group in results["groups"]:
-        variant = Path(group["checkpoints"][0]).parent.name.rsplit("_s", 1)[0]
-        columns.append((variant, group))
+    # (variant, group); a checkpoint path is <run dir>/final_model.zip
+    columns = [(variant_of(Path(g["checkpoints"][0]).parent.name), g) for g in results["groups"]]
     shifts = list(dict.fromkeys(name for _, g in columns for name in g["shifts"]))
     lines = [
         "| shift | " + " | ".join(f"{v}, {len(g['seeds'])} seeds" for v, g in columns) + " |",
@@ -161,12 +163,15 @@ def write_markdown(out: Path) -> None:
         cells = []
         for _, g in columns:
             r = g["shifts"].get(shift)
-            low, high = r["success_ci95"] if r else (0.0, 0.0)
-            cells.append(f"{r['iqm_success']:.2f} [{low:.2f}, {high:.2f}]" if r else "-")
+            if r is None:
+                cells.append("-")
+            else:
+                low, high = r["success_ci95"]
+                cells.append(f"{r['iqm_success']:.2f} [{low:.2f}, {high:.2f}]")
         lines.append(f"| {shift} | " + " | ".join(cells) + " |")
     lines += ["", "In-distribution success per run:", ""]
     for variant, _ in columns:
-        runs = sorted(name for name in per_run if name.rsplit("_s", 1)[0] == variant)
+        runs = sorted(name for name in per_run if variant_of(name) == variant)
         lines.append(f"- {variant}: " + " ".join(f"{per_run[r]['shifts']['none']['success_rate']:.2f}" for r in runs))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

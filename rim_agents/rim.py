@@ -315,10 +315,10 @@ class RIMCell(nn.Module):
             assert inp.keys is not None and inp.values is not None
             K, B = h.shape[0], h.shape[1]
             H, d_k = self.input_heads, self.input_key_size
-            q = th.bmm(h, self.input_query)
             if self.input_query_bias:
-                q = q + self.input_query_b
-            q = q.view(K, B, H, d_k)
+                q = th.baddbmm(self.input_query_b, h, self.input_query).view(K, B, H, d_k)
+            else:
+                q = th.bmm(h, self.input_query).view(K, B, H, d_k)
             scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
             # The null token's key is zero, so its score is exactly zero.
             scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
@@ -333,12 +333,15 @@ class RIMCell(nn.Module):
         # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
         if self.input_heads == 1:
             score = (h * inp.score_proj).sum(dim=-1, keepdim=True)  # (K, B, 1)
-            p = th.sigmoid(score if inp.score_bias is None else score + inp.score_bias)
+        else:
+            score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
+        if inp.score_bias is not None:
+            score = score + inp.score_bias
+        p = th.sigmoid(score)
+        if self.input_heads == 1:  # a view, not a reduction, in the common case
             null_att = 1.0 - p.squeeze(-1)
             p = F.dropout(p, self.input_dropout, self.training)
             return th.addcmul(inp.bias, p, inp.gate_proj), null_att, None
-        score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
-        p = th.sigmoid(score if inp.score_bias is None else score + inp.score_bias)
         null_att = 1.0 - p.mean(dim=-1)
         p = F.dropout(p, self.input_dropout, self.training)
         return inp.bias + (p.unsqueeze(-1) * inp.gate_proj).sum(dim=-2), null_att, None

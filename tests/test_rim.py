@@ -334,8 +334,8 @@ def test_zero_state_selection_depends_on_the_input(tokens: bool) -> None:
 
 
 def test_query_bias_leaves_the_null_score_zero() -> None:
-    """The bias moves each RIM's score on the real input only: with an all-zero input (the null
-    token's twin) every RIM attends half to it and half to the null token, bias or not."""
+    """The bias enters the score only through the input's key: an all-zero input (the null token's
+    twin, key zero) gets score 0 like the null token, so every RIM attends half to each."""
     core = make_core(k_active=2).eval()
     core.track_activity = True
     core(th.zeros(1, 5, D_IN))
