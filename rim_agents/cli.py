@@ -27,7 +27,7 @@ def train_parser() -> argparse.ArgumentParser:
         "Order: config defaults < configs/<family>.yaml < --config < flags < KEY=VALUE.",
     )
     p.add_argument("--env", help="gymnasium env id, e.g. BreakoutNoFrameskip-v4 or RIMAgents/Pickup-8x8-v0")
-    p.add_argument("--core", choices=None, help="rims (default), lstm or gru")
+    p.add_argument("--core", choices=None, help="rims (default), lstm, gru or none (feed-forward control)")
     p.add_argument("--config", help="a YAML config file (same keys as configs/*.yaml)")
     p.add_argument("--total-timesteps", type=int, help="env steps to train for (all envs together)")
     p.add_argument("--seed", type=int)

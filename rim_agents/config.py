@@ -25,6 +25,8 @@ import yaml
 from rim_agents.errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Recurrent cores by name; ``none`` is the feed-forward control (see :mod:`rim_agents.cores`).
+CORES = ("rims", "lstm", "gru", "none")
 
 
 class ConfigError(UsageError):
@@ -104,7 +106,7 @@ class TrainConfig:
     """Everything one training run needs."""
 
     env: str = ""
-    core: str = "rims"  # rims | lstm | gru
+    core: str = "rims"  # rims | lstm | gru | none (feed-forward control)
     seed: int = 0
     n_envs: int = 8
     total_timesteps: int = 10_000_000
@@ -278,8 +280,8 @@ def load_config(
     chosen_core = top.get("core", "rims")
     if not env_id:
         raise ConfigError("no environment given: pass --env ENV_ID (e.g. BreakoutNoFrameskip-v4)")
-    if chosen_core not in ("rims", "lstm", "gru"):
-        raise ConfigError(f"unknown core {chosen_core!r}: choose one of rims, lstm, gru")
+    if chosen_core not in CORES:
+        raise ConfigError(f"unknown core {chosen_core!r}: choose one of {', '.join(CORES)}")
 
     config = TrainConfig()
     family_file = CONFIG_DIR / f"{env_family(env_id)}.yaml"
@@ -298,8 +300,8 @@ def validate(config: TrainConfig) -> None:
     """Checks that need more than one key, or a range."""
     from rim_agents.extractors import EXTRACTORS
 
-    if config.core not in ("rims", "lstm", "gru"):
-        raise ConfigError(f"unknown core {config.core!r}: choose one of rims, lstm, gru")
+    if config.core not in CORES:
+        raise ConfigError(f"unknown core {config.core!r}: choose one of {', '.join(CORES)}")
     for key in ("n_envs", "total_timesteps"):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key} must be positive, got {getattr(config, key)}")

@@ -7,6 +7,9 @@ attributes ``input_size``, ``hidden_size``, ``num_layers`` and
 - ``rims``: :class:`rim_agents.rim.RIMCore`, which resets states inside its own time loop.
 - ``lstm``: sb3-contrib's own ``nn.LSTM``, untouched (the baseline).
 - ``gru``: ``nn.GRU`` behind :class:`GRUCore`, which returns a zero cell state.
+- ``none``: :class:`FeedForwardCore`, the memoryless control: the features pass through unchanged
+  and the (one-wide, always zero) state is carried untouched, so the policy is the same extractor
+  and heads as the others with no memory at all.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from typing import Any
 import torch as th
 from torch import nn
 
+from rim_agents.config import CORES
 from rim_agents.rim import RIMCore
 
-CORES = ("rims", "lstm", "gru")
+__all__ = ["CORES", "FeedForwardCore", "GRUCore", "build_core", "core_hidden_size", "unroll"]
+
 State = tuple[th.Tensor, th.Tensor]
 
 
@@ -42,8 +47,33 @@ class GRUCore(nn.Module):
         return out, (h, th.zeros_like(h))
 
 
+class FeedForwardCore(nn.Module):
+    """No memory: ``out = x``; the state is carried unchanged.
+
+    The state is one unit wide (``hidden_size == 1``) so that the rollout buffer stores almost
+    nothing; the output keeps the input's width (``output_size``).
+
+    :param input_size: input (and output) width.
+    """
+
+    num_layers = 1
+    hidden_size = 1
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.input_size = self.output_size = input_size
+
+    def forward(self, x: th.Tensor, state: State | None = None) -> tuple[th.Tensor, State]:
+        if state is None:
+            h = x.new_zeros(1, x.shape[1], 1)
+            state = (h, h)
+        return x, state
+
+
 def core_hidden_size(core: str, lstm_hidden_size: int, core_kwargs: dict[str, Any]) -> int:
-    """Width of the core's output and flat state."""
+    """Width of the core's flat state (and output, except for ``none``, whose state is one wide)."""
+    if core == "none":
+        return FeedForwardCore.hidden_size
     if core == "rims":
         return int(core_kwargs.get("num_units", 6)) * int(core_kwargs.get("unit_size", 64))
     return lstm_hidden_size
@@ -54,7 +84,7 @@ def build_core(
 ) -> nn.Module:
     """A recurrent core by name.
 
-    :param core: ``"rims"``, ``"lstm"`` or ``"gru"``.
+    :param core: ``"rims"``, ``"lstm"``, ``"gru"`` or ``"none"``.
     :param input_size: width of the input vector (or of each token for ``rims`` with tokens).
     :param lstm_hidden_size: hidden width of ``lstm`` and ``gru``.
     :param n_layers: layers of ``lstm`` and ``gru`` (``rims`` has one).
@@ -68,6 +98,8 @@ def build_core(
         return nn.LSTM(input_size, lstm_hidden_size, num_layers=n_layers, **core_kwargs)
     if core == "gru":
         return GRUCore(input_size, lstm_hidden_size, num_layers=n_layers, **core_kwargs)
+    if core == "none":
+        return FeedForwardCore(input_size)
     raise ValueError(f"unknown core {core!r}: choose one of {', '.join(CORES)}")
 
 
@@ -80,6 +112,8 @@ def unroll(core: nn.Module, x: th.Tensor, state: State, episode_starts: th.Tenso
     """
     if isinstance(core, RIMCore):
         return core(x, state, episode_starts=episode_starts)
+    if isinstance(core, FeedForwardCore):
+        return x, state
     starts = episode_starts.bool()
     any_start = starts.any(dim=1)
     boundaries = [0, *(th.nonzero(any_start[1:]).flatten() + 1).tolist(), x.shape[0]]

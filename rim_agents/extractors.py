@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import gymnasium as gym
 import torch as th
+from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, NatureCNN
 from torch import nn
+
+from rim_agents.envs.pickup import COLOURS, TYPES
 
 
 class NatureCNNTokens(BaseFeaturesExtractor):
@@ -60,13 +63,26 @@ class MiniGridExtractor(BaseFeaturesExtractor):
     the ``V x V`` grid, each modulated channel-wise by the target (FiLM; the target arrives one-hot,
     as SB3 encodes a ``MultiDiscrete`` space); a linear layer maps the grid to ``features_dim``.
 
+    With ``target_match`` the target (a pickup env's ``(type, colour)``) is embedded with the *same*
+    object and colour tables as the cells, and the convolutions also read each cell's embedding
+    multiplied by it (gated attention, Chaplot et al. 2018): a cell that shows the target object
+    differs from the others by one channel sum from the first update on, instead of by a match the
+    FiLM path must discover. A hidden target (the memory variant's index past the last) embeds to zero.
+
     :param observation_space: ``Dict`` with ``image`` (``Box`` of integer indices, channel last) and
         optionally ``target`` (``MultiDiscrete``).
     :param features_dim: output width.
     :param embed_dim: width of each index embedding.
+    :param target_match: add the cell-times-target channels (needs a pickup env's ``target``).
     """
 
-    def __init__(self, observation_space: gym.spaces.Dict, features_dim: int = 128, embed_dim: int = 16) -> None:
+    def __init__(
+        self,
+        observation_space: gym.spaces.Dict,
+        features_dim: int = 128,
+        embed_dim: int = 16,
+        target_match: bool = False,
+    ) -> None:
         super().__init__(observation_space, features_dim)
         image_space = observation_space["image"]
         if not isinstance(image_space, gym.spaces.Box) or len(image_space.shape) != 3 or image_space.shape[2] != 3:
@@ -78,18 +94,40 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         self.max_index = int(image_space.high.max()) + 1
         self.embed = nn.Embedding(3 * self.max_index, embed_dim)
         self.register_buffer("offsets", th.arange(3) * self.max_index, persistent=False)
-        self.conv1 = nn.Conv2d(embed_dim, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
         target_dim = get_flattened_obs_dim(observation_space["target"]) if "target" in observation_space.spaces else 0
+        self.target_match = target_match
+        if target_match:
+            if not target_dim:
+                raise ValueError("target_match needs a 'target' in the observation: use a RIMAgents/Pickup env")
+            # Target (type, colour) indices -> rows of the cell embedding table; hidden -> -1.
+            target_space = observation_space["target"]
+            assert isinstance(target_space, gym.spaces.MultiDiscrete)
+            nvec = [int(n) for n in target_space.nvec]
+            types = [OBJECT_TO_IDX[t] for t in TYPES] + [-1] * (nvec[0] - len(TYPES))
+            colours = [COLOR_TO_IDX[c] + self.max_index for c in COLOURS] + [-1] * (nvec[1] - len(COLOURS))
+            self.register_buffer("target_rows", th.tensor(types + colours), persistent=False)
+        self.conv1 = nn.Conv2d(embed_dim * (2 if target_match else 1), 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
         # FiLM (Perez et al. 2018), as in BabyAI: the target scales and shifts every channel of
         # both convolutions, so cells that match it can stand out before the grid is flattened.
         self.film = nn.Linear(target_dim, 2 * (32 + 64)) if target_dim else None
         self.head = nn.Sequential(nn.Linear(64 * V * V, features_dim), nn.ReLU())
 
+    def target_embedding(self, target: th.Tensor) -> th.Tensor:
+        """``(B, n_types + n_colours)`` one-hot target -> ``(B, E)``: the sum of its type's and colour's
+        rows of the cell embedding table (zero for a hidden type or colour)."""
+        one_hot = target > 0.5  # one type and one colour per row
+        target_rows: th.Tensor = self.target_rows  # type: ignore[assignment]
+        rows = target_rows.expand_as(one_hot)[one_hot].view(-1, 2)
+        return (self.embed(rows.clamp(min=0)) * (rows >= 0).unsqueeze(-1)).sum(dim=1)
+
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         offsets: th.Tensor = self.offsets  # type: ignore[assignment]
         idx = observations["image"].long().clamp_(0, self.max_index - 1) + offsets  # (B, V, V, 3)
         grid = self.embed(idx).sum(dim=3).permute(0, 3, 1, 2)  # (B, E, V, V)
+        if self.target_match:
+            target = self.target_embedding(observations["target"])
+            grid = th.cat([grid, grid * target[..., None, None]], dim=1)
         h1 = self.conv1(grid)
         if self.film is None:
             return self.head(th.relu(self.conv2(th.relu(h1))).flatten(1))

@@ -1,7 +1,10 @@
 """A recurrent actor-critic policy for sb3-contrib's ``RecurrentPPO`` with a core chosen by name.
 
-``RIMPolicy(core="rims" | "lstm" | "gru", core_kwargs=...)`` is a ``RecurrentActorCriticPolicy``
-whose ``lstm_actor`` (and ``lstm_critic`` with ``enable_critic_lstm``) is that core. Everything
+``RIMPolicy(core="rims" | "lstm" | "gru" | "none", core_kwargs=...)`` is a
+``RecurrentActorCriticPolicy`` whose ``lstm_actor`` (and ``lstm_critic`` with ``enable_critic_lstm``)
+is that core. ``none`` is the feed-forward control: extractor and heads as for the other cores, no
+memory, and the critic reads the features as SB3's feed-forward ``PPO`` does (with gradient, no
+extra ``Linear``), whatever ``shared_lstm`` / ``enable_critic_lstm`` say. Everything
 else (feature extractor, MLP heads, shared / critic-core options, ``predict`` with state) is
 sb3-contrib's. Differences:
 
@@ -25,7 +28,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, Combine
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from rim_agents.cores import CORES, build_core, core_hidden_size, unroll
+from rim_agents.cores import CORES, FeedForwardCore, build_core, core_hidden_size, unroll
 from rim_agents.rim import RIMCore
 
 
@@ -36,7 +39,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     :param action_space: action space.
     :param lr_schedule: learning-rate schedule.
     :param core: ``"rims"`` (:class:`rim_agents.RIMCore`), ``"lstm"`` (``nn.LSTM``, as in
-        sb3-contrib) or ``"gru"``.
+        sb3-contrib), ``"gru"`` or ``"none"`` (feed-forward control).
     :param core_kwargs: keyword arguments of the core's constructor (``RIMCore``'s for ``rims``;
         for ``lstm`` and ``gru`` they join ``lstm_kwargs``).
     :param lstm_hidden_size: hidden width of ``lstm`` and ``gru``; ignored by ``rims``, whose width
@@ -74,6 +77,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         lstm_kwargs = dict(lstm_kwargs or {})
         if core == "lstm":
             lstm_kwargs.update(self.core_kwargs)
+        if core == "none":
+            # The critic gets its own (identity) core: it reads the features with gradient.
+            shared_lstm, enable_critic_lstm = False, True
         super().__init__(
             observation_space,
             action_space,
@@ -102,6 +108,12 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
+
+    def _build_mlp_extractor(self) -> None:
+        if self.core_name == "none":
+            # The heads read the features themselves; the state stays one unit wide.
+            self.lstm_output_dim = self.features_dim
+        super()._build_mlp_extractor()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -135,6 +147,8 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         :param episode_starts: ``(n_seq * T,)``.
         :return: core output ``(n_seq * T, hidden)`` and the final states.
         """
+        if isinstance(lstm, FeedForwardCore):
+            return features, lstm_states
         n_seq = lstm_states[0].shape[1]
         x = features.reshape(n_seq, -1, *self.core_input_shape).transpose(0, 1)
         starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)

@@ -35,6 +35,7 @@ from stable_baselines3.common.save_util import load_from_zip_file
 
 from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
 
+AUTO_MIN_SEQ_LEN = 8
 _STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
 _FLAT_ARRAYS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts", *_STATE_ARRAYS)
 
@@ -130,7 +131,8 @@ class RIMPPO(RecurrentPPO):
         ``"MultiInputRIMPolicy"``, or sb3-contrib's LSTM aliases).
     :param env: the environment.
     :param seq_len: training sequence length; must divide ``n_steps`` and ``batch_size``.
-        ``"auto"``: the largest length up to 32 that divides both. ``None`` keeps sb3-contrib's
+        ``"auto"``: the largest length up to 32 that divides both (an error if that is below 8).
+        ``None`` keeps sb3-contrib's
         padded sampler.
     :param kwargs: ``RecurrentPPO``'s arguments.
     """
@@ -153,6 +155,13 @@ class RIMPPO(RecurrentPPO):
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
         if seq_len == "auto":
             seq_len = math.gcd(self.n_steps, self.batch_size or self.n_steps, 32)
+            if seq_len < AUTO_MIN_SEQ_LEN:
+                raise ValueError(
+                    f"seq_len='auto' resolves to {seq_len} (the largest length up to 32 dividing n_steps="
+                    f"{self.n_steps} and batch_size={self.batch_size}), too short for a recurrent core to "
+                    f"learn from: choose n_steps and batch_size with a common divisor >= {AUTO_MIN_SEQ_LEN}, "
+                    "or pass seq_len explicitly"
+                )
         if not (seq_len is None or isinstance(seq_len, int)):
             raise ValueError(f"seq_len={seq_len!r} must be an integer, 'auto' or None")
         self.seq_len = seq_len

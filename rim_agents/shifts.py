@@ -13,6 +13,8 @@ novel-distractors   minigrid  distractors only from the held-out palette (boxes;
 more-distractors    minigrid  twice as many distractors
 novel-and-more      minigrid  both of the above
 view-N              minigrid  an N x N view (N odd, 3 or 5), partial observability
+cue-N               minigrid  memory variant only (``cue_steps`` set, e.g. PickupCue): the target
+                              shown in the first N observations (``cue-0``: never)
 flicker-p           both      each observation blanked with probability p (Hausknecht & Stone
                               2015): Atari blanks each frame before stacking; MiniGrid blanks
                               the image (the target, an instruction, stays)
@@ -59,6 +61,7 @@ SHIFT_DEFS: tuple[ShiftDef, ...] = (
     ShiftDef("more-distractors", r"more-distractors", ("minigrid",), "twice as many distractors"),
     ShiftDef("novel-and-more", r"novel-and-more", ("minigrid",), "twice as many held-out distractors"),
     ShiftDef("view-N", r"view-(\d+)", ("minigrid",), "an N x N view (N odd, 3..5)"),
+    ShiftDef("cue-N", r"cue-(\d+)", ("minigrid",), "the target shown in the first N observations only"),
     ShiftDef("flicker-p", r"flicker-([0-9.]+)", ("atari", "minigrid"), "observations blanked with probability p"),
     ShiftDef("occlusion-f", r"occlusion-([0-9.]+)", ("atari",), "a band covering a fraction f of the screen"),
     ShiftDef("distractors-N", r"distractors(?:-(\d+))?", ("atari",), "N novel moving squares on every frame"),
@@ -146,6 +149,14 @@ def _apply(spec: ShiftSpec, kind: str, arg: str | None, text: str, base: dict[st
         if int(arg) not in (3, 5, 7):
             raise UsageError(f"shift {text}: the view size must be 3, 5 or 7")
         kw["view_size"] = int(arg)
+    elif kind == "cue-N":
+        assert arg is not None
+        if base.get("cue_steps") is None:
+            raise UsageError(
+                f"shift {text} needs the memory variant of the pickup task (an env with cue_steps, "
+                "e.g. RIMAgents/PickupCue-6x6-v0)"
+            )
+        kw["cue_steps"] = int(arg)
     elif kind == "flicker-p":
         assert arg is not None
         p = _probability(arg, text)

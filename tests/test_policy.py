@@ -15,7 +15,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rim_agents import RIMPPO, RIMCore, RIMPolicy
-from rim_agents.cores import GRUCore, unroll
+from rim_agents.cores import FeedForwardCore, GRUCore, unroll
 from rim_agents.extractors import NatureCNNTokens
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
 
@@ -40,7 +40,7 @@ def fake_image_env(n_envs: int = 2) -> DummyVecEnv:
 
 
 @pytest.mark.parametrize("critic", list(CRITIC_OPTIONS), ids=list(CRITIC_OPTIONS))
-@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru", "none"])
 def test_tiny_run_cartpole(core: str, critic: str) -> None:
     model = RIMPPO(
         "MlpRIMPolicy",
@@ -52,10 +52,11 @@ def test_tiny_run_cartpole(core: str, critic: str) -> None:
         seed=0,
         policy_kwargs=policy_kwargs(core, **CRITIC_OPTIONS[critic]),
     )
-    before = [p.detach().clone() for p in model.policy.lstm_actor.parameters()]
+    trained = model.policy.lstm_actor if core != "none" else model.policy.mlp_extractor
+    before = [p.detach().clone() for p in trained.parameters()]
     model.learn(64)
     assert model.num_timesteps == 64
-    after = list(model.policy.lstm_actor.parameters())
+    after = list(trained.parameters())
     # The core is trained: the optimizer holds its parameters and they moved.
     assert any(not th.equal(a, b) for a, b in zip(after, before, strict=True))
     optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
@@ -90,6 +91,16 @@ def test_works_with_stock_recurrent_ppo(core: str) -> None:
     model.learn(32)
     mean, _ = evaluate_policy(model, model.get_env(), n_eval_episodes=2)
     assert mean > 0
+
+
+def test_auto_seq_len_refuses_to_fall_to_a_few_steps() -> None:
+    assert (
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=48, batch_size=96, policy_kwargs=policy_kwargs("lstm")).seq_len
+        == 16
+    )
+    with pytest.raises(ValueError, match="seq_len='auto' resolves to 2"):
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=18, batch_size=36, policy_kwargs=policy_kwargs("lstm"))
+    assert RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=18, batch_size=36, seq_len=2).seq_len == 2
 
 
 def test_unknown_core_is_rejected() -> None:
@@ -153,13 +164,42 @@ def test_value_depends_on_the_critic_core(core: str) -> None:
     assert not th.allclose(before, after)
 
 
+def test_feed_forward_control_is_memoryless_and_shaped_like_sb3_ppo() -> None:
+    """``none``: SB3 PPO's network (extractor, MLP heads, critic reading the features with
+    gradient, no extra ``Linear``), and the action and value ignore the state and the history."""
+    from stable_baselines3 import PPO
+
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", seed=0, policy_kwargs=policy_kwargs("none", net_arch=[32]))
+    policy = model.policy.eval()
+    assert isinstance(policy.lstm_actor, FeedForwardCore) and isinstance(policy.lstm_critic, FeedForwardCore)
+    assert policy.critic is None and not any(isinstance(m, th.nn.LSTM) for m in policy.modules())
+    assert policy.lstm_hidden_state_shape == (1, 1, 1)
+    ff = PPO("MlpPolicy", "CartPole-v1", seed=0, policy_kwargs={"net_arch": [32]}).policy
+    shapes = sorted(tuple(p.shape) for p in policy.parameters())
+    assert shapes == sorted(tuple(p.shape) for p in ff.parameters())
+    obs = _obs_batch(model)
+    zero = (th.zeros(1, 6, 1),) * 2
+    other = (th.randn(1, 6, 1),) * 2
+    with th.no_grad():
+        probs = [
+            policy.get_distribution(obs, s, th.full((6,), f))[0].distribution.probs
+            for s, f in ((zero, 1.0), (other, 0.0))
+        ]
+        values = [policy.predict_values(obs, s, th.full((6,), f)) for s, f in ((zero, 1.0), (other, 0.0))]
+    assert th.equal(probs[0], probs[1]) and th.equal(values[0], values[1])
+    # The value reads the extractor with gradient (as in feed-forward PPO).
+    policy.train()
+    policy.predict_values(obs, zero, th.zeros(6)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.mlp_extractor.value_net.parameters())
+
+
 def test_core_types() -> None:
     types = {}
-    for core in ("rims", "lstm", "gru"):
+    for core in ("rims", "lstm", "gru", "none"):
         model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs(core))
         types[core] = type(model.policy.lstm_actor)
         assert model.policy.lstm_hidden_state_shape[-1] == model.policy.lstm_actor.hidden_size
-    assert types == {"rims": RIMCore, "lstm": th.nn.LSTM, "gru": GRUCore}
+    assert types == {"rims": RIMCore, "lstm": th.nn.LSTM, "gru": GRUCore, "none": FeedForwardCore}
 
 
 # ----------------------------------------------------------------------- sequences and resets
@@ -378,3 +418,32 @@ def test_policy_constructor_parameters_round_trip() -> None:
     assert params["enable_critic_lstm"] is False
     clone = RIMPolicy(**copy.deepcopy(params))
     assert clone.lstm_actor.hidden_size == model.policy.lstm_actor.hidden_size
+
+
+# ----------------------------------------------------------------------- MiniGrid extractor
+@pytest.mark.parametrize("env_id", ["RIMAgents/Pickup-6x6-v0", "RIMAgents/PickupCue-6x6-v0"])
+def test_target_match_embeds_the_target_like_its_cell(env_id: str) -> None:
+    """The target's embedding is the target object's cell embedding less its state row, so the
+    match channels single out the target cell; a hidden target embeds to zero."""
+    import gymnasium as gym
+    from stable_baselines3.common.preprocessing import preprocess_obs
+
+    from rim_agents.envs.registration import register_envs
+    from rim_agents.extractors import MiniGridExtractor
+
+    register_envs()
+    env = gym.make(env_id).unwrapped
+    obs, _ = env.reset(seed=1)
+    extractor = MiniGridExtractor(env.observation_space, target_match=True)
+    batch = preprocess_obs({k: th.as_tensor(v)[None] for k, v in obs.items()}, env.observation_space)
+    x, y = env.target_pos
+    cell = th.as_tensor(env.grid.get(x, y).encode()).long()  # (object, colour, state)
+    rows = cell + th.arange(3) * extractor.max_index
+    with th.no_grad():
+        expected = extractor.embed(rows[:2]).sum(dim=0)
+        np.testing.assert_allclose(extractor.target_embedding(batch["target"])[0], expected, rtol=1e-6)
+        assert extractor(batch).shape == (1, 128)
+    if env_id.startswith("RIMAgents/PickupCue"):
+        hidden, *_ = env.step(0)
+        batch = preprocess_obs({k: th.as_tensor(v)[None] for k, v in hidden.items()}, env.observation_space)
+        assert not extractor.target_embedding(batch["target"]).any()

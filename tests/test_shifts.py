@@ -182,6 +182,13 @@ def test_bad_shifts(text: str, family: str, match: str) -> None:
         parse_shift(text, family)
 
 
+def test_cue_shift_sets_cue_steps_on_the_memory_variant_only() -> None:
+    spec = parse_shift("cue-0", "minigrid", {}, "RIMAgents/PickupCue-6x6-v0")
+    assert spec.env_kwargs == {"cue_steps": 0}
+    with pytest.raises(UsageError, match="needs the memory variant"):
+        parse_shift("cue-0", "minigrid", {}, "RIMAgents/Pickup-6x6-v0")
+
+
 def test_composition_merges_both() -> None:
     spec = parse_shift("novel-distractors+view-5+flicker-0.2", "minigrid", {"num_distractors": 4})
     assert spec.env_kwargs == {"distractor_palette": "heldout", "view_size": 5}

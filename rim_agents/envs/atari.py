@@ -5,14 +5,21 @@ grey, max-pooled over the last two of 4 skipped frames, 30 random no-ops and FIR
 same semantics:
 
 - ``dones = terminated | truncated``; with ``terminal_on_life_loss`` a lost life ends the
-  training episode while the game goes on (as SB3's ``EpisodicLifeEnv``);
-- ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` on done envs;
+  training episode while the game goes on (as SB3's ``EpisodicLifeEnv``), and in games with a
+  FIRE action the new life is started with FIRE (as SB3's ``FireResetEnv`` does on every reset);
+- the frame stack starts from zeros with the newest frame last after every done, a lost life
+  included (as SB3's ``VecFrameStack``);
+- ``infos[i]["terminal_observation"]`` (the stack the game showed at the done, newest frame last)
+  and ``infos[i]["TimeLimit.truncated"]`` on done envs;
 - ``infos[i]["episode"] = {"r", "l", "t"}`` once per *game*: unclipped return, length in emulator
   frames (as SB3's ``Monitor`` under ``AtariWrapper``), seconds since start;
 - rewards clipped to their sign for training when ``clip_reward``, after the returns are counted.
 
 The C++ backend (``backend="vector"``) steps all envs in threads. It cannot select game modes or
 difficulties; those go through ``backend="gym"`` (chosen automatically by ``backend="auto"``).
+It cannot step one env alone, so after a lost life the FIRE that SB3 presses inside ``reset``
+replaces the agent's action at the new life's first step (that action has no effect, whatever it
+is); the frame stack is kept here, not in C++, because C++ keeps it across a lost life.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ BACKENDS = ("auto", "vector", "gym")
 
 
 @cache
-def game_flavours(game: str) -> tuple[list[int], list[int]]:
-    """The valid modes and difficulties of an ALE game."""
+def _ale(game: str) -> Any:
+    """An emulator with ``game`` loaded, for static facts about the game."""
     from ale_py import ALEInterface, LoggerMode, roms
 
     ALEInterface.setLoggerMode(LoggerMode.Error)
@@ -44,6 +51,22 @@ def game_flavours(game: str) -> tuple[list[int], list[int]]:
     if rom is None:
         raise UsageError(f"no ROM for the Atari game {game!r} in ale-py")
     ale.loadROM(rom)
+    return ale
+
+
+def fire_action(game: str, full_action_space: bool = False) -> int | None:
+    """Index of FIRE in the game's action set, or None for games without it."""
+    from ale_py import Action
+
+    ale = _ale(game)
+    actions = list(ale.getLegalActionSet() if full_action_space else ale.getMinimalActionSet())
+    return actions.index(Action.FIRE) if Action.FIRE in actions else None
+
+
+@cache
+def game_flavours(game: str) -> tuple[list[int], list[int]]:
+    """The valid modes and difficulties of an ALE game."""
+    ale = _ale(game)
     return [int(m) for m in ale.getAvailableModes()], [int(d) for d in ale.getAvailableDifficulties()]
 
 
@@ -116,7 +139,7 @@ class AtariVecEnv(VecEnv):
             repeat_action_probability=settings["repeat_action_probability"],
             full_action_space=settings["full_action_space"],
             autoreset_mode="SameStep",
-            stack_num=frame_stack,
+            stack_num=1,  # stacked here: C++ would keep the stack across a lost life
             frameskip=FRAME_SKIP,
             noop_max=noop_max,
             episodic_life=False,
@@ -124,7 +147,14 @@ class AtariVecEnv(VecEnv):
             reward_clipping=False,
             use_fire_reset=True,
         )
-        super().__init__(n_envs, self.env.single_observation_space, self.env.single_action_space)
+        frame_shape = self.env.single_observation_space.shape
+        assert frame_shape is not None
+        obs_space = gym.spaces.Box(0, 255, (frame_stack, *frame_shape[1:]), dtype=np.uint8)
+        super().__init__(n_envs, obs_space, self.env.single_action_space)
+        self.stack = np.zeros((n_envs, frame_stack, *frame_shape[1:]), dtype=np.uint8)
+        self.terminal_on_life_loss = terminal_on_life_loss
+        self.fire = fire_action(settings["game"], settings["full_action_space"]) if terminal_on_life_loss else None
+        self._fire_next = np.zeros(n_envs, dtype=bool)  # a life was lost: FIRE at the next step
         self.clip_reward = clip_reward
         if seed is not None:
             self.seed(seed)
@@ -142,15 +172,21 @@ class AtariVecEnv(VecEnv):
         self._returns[:] = 0
         self._lengths[:] = 0
         self._frame_numbers = np.asarray(info["episode_frame_number"], dtype=np.int64)
+        self._fire_next[:] = False
         self.reset_infos = [{} for _ in range(self.num_envs)]
-        return obs
+        self.stack[:] = 0
+        self.stack[:, -1] = obs[:, 0]
+        return self.stack.copy()
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
 
     def step_wait(self) -> VecEnvStepReturn:
         assert self._actions is not None, "step_async must come before step_wait"
-        obs, rewards, terminated, truncated, info = self.env.step(self._actions)
+        actions = self._actions
+        if self.fire is not None and self._fire_next.any():
+            actions = np.where(self._fire_next, self.fire, actions)
+        obs, rewards, terminated, truncated, info = self.env.step(actions)
         rewards = np.asarray(rewards, dtype=np.float64)
         self._returns += rewards
         self._lengths += 1
@@ -159,18 +195,26 @@ class AtariVecEnv(VecEnv):
         # A new game restarts the frame count; a lost life does not.
         game_over = dones & (truncated | (frames < self._frame_numbers))
         self._frame_numbers = frames
+        self._fire_next = dones & ~game_over  # the C++ env presses FIRE itself after a real reset
+        # The frame the game showed: after a game over obs is already the next game's first frame.
+        self.stack[:, :-1] = self.stack[:, 1:]
+        self.stack[:, -1] = obs[:, 0]
+        for i in np.flatnonzero(game_over):
+            self.stack[i, -1] = info["final_obs"][i][0]
         infos: list[dict[str, Any]] = [{"lives": int(info["lives"][i])} for i in range(self.num_envs)]
         elapsed = round(time.time() - self._start, 6)
         for i in np.flatnonzero(dones):
-            infos[i]["terminal_observation"] = info["final_obs"][i]
+            infos[i]["terminal_observation"] = self.stack[i].copy()
             infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+            self.stack[i] = 0
+            self.stack[i, -1] = obs[i, 0]
             if game_over[i]:
                 length = int(self._lengths[i]) * FRAME_SKIP
                 infos[i]["episode"] = {"r": float(self._returns[i]), "l": length, "t": elapsed}
                 self._returns[i] = 0.0
                 self._lengths[i] = 0
         train_rewards = np.sign(rewards) if self.clip_reward else rewards
-        return obs, train_rewards.astype(np.float32), dones, infos
+        return self.stack.copy(), train_rewards.astype(np.float32), dones, infos
 
     def close(self) -> None:
         self.env.close()

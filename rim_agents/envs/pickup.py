@@ -73,12 +73,22 @@ class PickupEnv(MiniGridEnv):
 
     "pick up the {colour} {type}"; the same information is in the observation as numbers.
 
+    ## Memory variant
+
+    With ``cue_steps=N`` the target is shown (in ``target`` and in the mission) only in the first
+    ``N`` observations of an episode (the one from ``reset`` and ``N - 1`` more) and hidden
+    afterwards: ``target`` reads ``(3, 6)``, one past the last type and colour, and the mission
+    "pick up the object you were shown". The objects stay visible, so an agent must remember which
+    one it was asked for; a memoryless policy is left with a guess among the objects it sees.
+    ``cue_steps=None`` (the default) shows the target throughout.
+
     ## Observation Space
 
     ``Dict``: ``image`` ``(7, 7, 3)`` uint8 egocentric view of (object, colour, state) indices as
     in MiniGrid, with the agent at the bottom centre; with ``view_size`` ``v < 7`` the cells
     outside the ``v x v`` view are "unseen", so one network runs on every view size.
-    ``target``: ``MultiDiscrete([3, 6])``, indices into ``TYPES`` and ``COLOURS``.
+    ``target``: ``MultiDiscrete([3, 6])``, indices into ``TYPES`` and ``COLOURS``
+    (``MultiDiscrete([4, 7])`` with ``cue_steps``, the last index of each meaning "hidden").
 
     ## Action Space
 
@@ -107,8 +117,11 @@ class PickupEnv(MiniGridEnv):
     - ``RIMAgents/Pickup-8x8-NovelMore-v0``: 6 held-out distractors.
     - ``RIMAgents/Pickup-8x8-View5-v0``, ``RIMAgents/Pickup-8x8-View3-v0``: smaller views.
     - ``RIMAgents/Pickup-6x6-v0``: a 6x6 room with 2 distractors, for quick runs.
+    - ``RIMAgents/PickupCue-6x6-v0``: the memory variant, a 6x6 room with 1 distractor and the
+      target shown in the first observation only (``cue_steps=1``).
 
-    Every id accepts ``size``, ``num_distractors``, ``distractor_palette`` and ``view_size``.
+    Every id accepts ``size``, ``num_distractors``, ``distractor_palette``, ``view_size`` and
+    ``cue_steps``.
     """
 
     def __init__(
@@ -118,8 +131,12 @@ class PickupEnv(MiniGridEnv):
         distractor_palette: str | Sequence[Sequence[str]] = "train",
         view_size: int = 7,
         max_steps: int | None = None,
+        cue_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if cue_steps is not None and (not isinstance(cue_steps, int) or isinstance(cue_steps, bool) or cue_steps < 0):
+            raise ValueError(f"cue_steps={cue_steps!r} is invalid: use a number of steps >= 0, or None (always shown)")
+        self.cue_steps = cue_steps
         if not isinstance(view_size, int) or view_size % 2 == 0 or not 3 <= view_size <= VIEW:
             raise ValueError(f"view_size={view_size!r} is invalid: use an odd number from 3 to {VIEW}")
         if not isinstance(size, int) or size < 4:
@@ -161,7 +178,9 @@ class PickupEnv(MiniGridEnv):
         self.observation_space = spaces.Dict(
             {
                 "image": spaces.Box(0, MAX_INDEX, (VIEW, VIEW, 3), dtype=np.uint8),
-                "target": spaces.MultiDiscrete([len(TYPES), len(COLOURS)]),
+                "target": spaces.MultiDiscrete(
+                    [len(TYPES), len(COLOURS)] if cue_steps is None else [len(TYPES) + 1, len(COLOURS) + 1]
+                ),
             }
         )
 
@@ -226,11 +245,22 @@ class PickupEnv(MiniGridEnv):
         image[half, VIEW - 1] = self.carrying.encode() if self.carrying is not None else _EMPTY
         return image
 
+    @property
+    def cue_shown(self) -> bool:
+        """Whether the current observation shows the target (always, without ``cue_steps``)."""
+        return self.cue_steps is None or self.step_count < self.cue_steps
+
     def gen_obs(self) -> dict[str, Any]:
         image = self.egocentric_view()
         if self.view_size < VIEW:
             image[self._hidden] = (UNSEEN, 0, 0)
-        return {"image": image, "target": self._target_obs.copy()}
+        if self.cue_shown:
+            target = self._target_obs.copy()
+            self.mission = f"pick up the {self.target[1]} {self.target[0]}"
+        else:
+            target = np.array([len(TYPES), len(COLOURS)], dtype=np.int64)
+            self.mission = "pick up the object you were shown"
+        return {"image": image, "target": target}
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = super().step(action)
@@ -261,6 +291,7 @@ PICKUP_IDS: dict[str, dict[str, Any]] = {
     "RIMAgents/Pickup-8x8-View5-v0": {"view_size": 5},
     "RIMAgents/Pickup-8x8-View3-v0": {"view_size": 3},
     "RIMAgents/Pickup-6x6-v0": {"size": 6, "num_distractors": 2},
+    "RIMAgents/PickupCue-6x6-v0": {"size": 6, "num_distractors": 1, "cue_steps": 1},
 }
 
 # Colour indices are MiniGrid's; keep them aligned with COLOURS so "target" is unambiguous.
