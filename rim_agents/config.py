@@ -88,6 +88,10 @@ class RIMConfig:
     input_dropout: float = 0.0
     comm_dropout: float = 0.0
     mask_output: bool = False
+    selection: str = "hard"  # hard (the paper's top-k) | straight_through (the choice gets a gradient)
+    selection_temperature: float = 0.05  # width of the straight-through soft mask
+    selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy (see RIMCell)
+    balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (logged as rims/balance_loss)
 
 
 @dataclass

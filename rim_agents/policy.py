@@ -73,6 +73,15 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         if core == "rims":
             # Saved explicitly, so that RIMPPO.load can tell checkpoints from before the option.
             self.core_kwargs.setdefault("input_query_bias", True)
+            # PPO's ratio compares the network that collected (eval mode) with the one that trains
+            # (train mode): nothing random may differ between the two.
+            self.core_kwargs.setdefault("input_dropout", 0.0)
+            self.core_kwargs.setdefault("comm_dropout", 0.0)
+            if float(self.core_kwargs.get("selection_noise", 0.0)) > 0:
+                raise ValueError(
+                    "selection_noise > 0 cannot train a PPO policy: the RIMs chosen while collecting and "
+                    "while training would differ; use selection=straight_through or balance_coef instead"
+                )
         self._lstm_hidden_size = lstm_hidden_size
         lstm_kwargs = dict(lstm_kwargs or {})
         if core == "lstm":

@@ -198,6 +198,15 @@ class RIMPPO(RecurrentPPO):
                 custom_objects["policy_kwargs"] = {**policy_kwargs, "core_kwargs": core_kwargs}
         return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)
 
+    def train(self) -> None:
+        super().train()
+        if isinstance(self.policy, RIMPolicy):
+            losses = [loss for core in self.policy.rim_cores() for loss in core.balance_losses]
+            for core in self.policy.rim_cores():
+                core.balance_losses.clear()
+            if losses:
+                self.logger.record("rims/balance_loss", th.stack(losses).mean().item())
+
     def _setup_model(self) -> None:
         super()._setup_model()
         if isinstance(self.policy, RIMPolicy):

@@ -6,7 +6,12 @@ The computation follows ``shared/docs/RIM_SPEC.md`` step by step:
    values are bias-free linear maps, so the null token's key and value are exactly zero. Every RIM
    has its own query weights and reads ``A_i = sum_j p_ij value_j`` (heads concatenated).
 2. **Top-k activation.** Per batch element the ``k`` RIMs with the *least* attention on the null
-   token (averaged over heads) are active. The choice is a hard mask without gradient.
+   token (averaged over heads) are active. The choice is a hard mask without gradient
+   (``selection="hard"``, the paper's rule). Options that keep exactly ``k`` active per step and
+   the dormant state bit for bit, but let the choice learn: ``selection="straight_through"`` (the
+   forward pass is the hard rule's, the backward pass differentiates a soft mask around the k-th
+   score), ``selection_noise`` (Gaussian noise on the scores in training mode only, as noisy top-k
+   gating) and ``balance_coef`` (an auxiliary load-balancing loss, as in the Switch Transformer).
 3. **Independent dynamics.** Every RIM has its own LSTM or GRU cell. All ``K`` cells run together
    as batched matrix products over the RIM axis (weights of shape ``(K, in, out)``).
 4. **Communication.** Active RIMs read from all RIMs (dormant ones with their previous state) by
@@ -25,13 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch as th
 import torch.nn.functional as F
 from torch import nn
 
 CellType = Literal["lstm", "gru"]
+Selection = Literal["hard", "straight_through"]
+SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
 __all__ = ["RIMCell", "RIMCore", "StepInput"]
@@ -42,6 +49,23 @@ def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     with th.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+class AddAuxiliaryLoss(th.autograd.Function):
+    """``y = x`` in the forward pass; the backward pass also sends gradient 1 into ``loss``.
+
+    Any loss computed from ``y`` is thereby trained as ``loss_main + loss``, whatever optimises it
+    (sb3-contrib's PPO loss, a supervised loss), with no change to the trainer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, loss: th.Tensor) -> th.Tensor:
+        ctx.loss_shape = loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        return grad, grad.new_ones(ctx.loss_shape)
 
 
 @dataclass
@@ -121,6 +145,23 @@ class RIMCell(nn.Module):
     :param input_dropout: dropout on the input-attention probabilities.
     :param comm_dropout: dropout on the communication-attention probabilities.
     :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).
+    :param selection: ``"hard"`` (the paper's top-k, no gradient through the choice) or
+        ``"straight_through"``: the same forward pass bit for bit, while the backward pass treats
+        the write as ``h_t = h_write + (s - sg(s)) * (h~ - h_{t-1})`` with the soft mask
+        ``s_i = sigmoid((thr - null_i) / selection_temperature)``, ``thr`` half-way between the
+        k-th and (k+1)-th least null attention: the choice gets a first-order gradient (would
+        waking this RIM, or putting it to sleep, have lowered the loss?), a dormant RIM's query
+        included, while its cell still gets none.
+    :param selection_temperature: width of the straight-through soft mask, in null-attention units.
+    :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
+        in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
+        anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
+        collected with one noise sample against one trained with another).
+    :param balance_coef: weight of the load-balancing loss ``(K / k) * sum_i f_i P_i`` over each
+        unrolled sequence (Fedus et al. 2021): ``f_i`` the fraction of steps RIM ``i`` was active
+        (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
+        ``a = 1 - null``. It is 1 when the load is even and is added to whatever loss is computed
+        from the core's output (:class:`AddAuxiliaryLoss`); 0 (default) adds nothing.
     """
 
     def __init__(
@@ -143,6 +184,10 @@ class RIMCell(nn.Module):
         input_dropout: float = 0.1,
         comm_dropout: float = 0.1,
         mask_output: bool = False,
+        selection: Selection = "hard",
+        selection_temperature: float = 0.05,
+        selection_noise: float = 0.0,
+        balance_coef: float = 0.0,
     ) -> None:
         super().__init__()
         if input_value_size is None:
@@ -177,6 +222,13 @@ class RIMCell(nn.Module):
         for name, p in [("input_dropout", input_dropout), ("comm_dropout", comm_dropout)]:
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"RIM setting {name}={p!r} is invalid: it must lie in [0, 1)")
+        if selection not in SELECTIONS:
+            raise ValueError(f"RIM setting selection={selection!r} is invalid: use one of {', '.join(SELECTIONS)}")
+        if not selection_temperature > 0:
+            raise ValueError(f"RIM setting selection_temperature={selection_temperature!r} is invalid: it must be > 0")
+        for name, amount in [("selection_noise", selection_noise), ("balance_coef", balance_coef)]:
+            if not amount >= 0:
+                raise ValueError(f"RIM setting {name}={amount!r} is invalid: it must be >= 0")
 
         self.input_size = input_size
         self.num_units = num_units
@@ -196,6 +248,10 @@ class RIMCell(nn.Module):
         self.input_dropout = float(input_dropout)
         self.comm_dropout = float(comm_dropout)
         self.mask_output = mask_output
+        self.selection: Selection = selection
+        self.selection_temperature = float(selection_temperature)
+        self.selection_noise = float(selection_noise)
+        self.balance_coef = float(balance_coef)
 
         K, d_h = num_units, unit_size
         n_gates = 4 if cell == "lstm" else 3
@@ -347,10 +403,22 @@ class RIMCell(nn.Module):
         return inp.bias + (p.unsqueeze(-1) * inp.gate_proj).sum(dim=-2), null_att, None
 
     def _top_k_mask(self, null_attention: th.Tensor) -> th.Tensor:
-        """``(K, B)`` bool mask of the ``k`` RIMs with the least attention on the null token."""
+        """``(K, B)`` bool mask of the ``k`` RIMs with the least attention on the null token (plus
+        ``selection_noise`` in training mode)."""
         with th.no_grad():
-            idx = th.topk(null_attention, self.k_active, dim=0, largest=False).indices
+            score = null_attention
+            if self.selection_noise > 0 and self.training:
+                score = score + self.selection_noise * th.randn_like(score)
+            idx = th.topk(score, self.k_active, dim=0, largest=False).indices
             return th.zeros_like(null_attention, dtype=th.bool).scatter_(0, idx, True)
+
+    def _straight_through(self, null_attention: th.Tensor) -> th.Tensor:
+        """``s - sg(s)`` for the soft mask ``s`` (see ``selection``): zero, with the soft mask's gradient."""
+        with th.no_grad():
+            least = th.topk(null_attention, self.k_active + 1, dim=0, largest=False).values
+            threshold = 0.5 * (least[-2] + least[-1])  # (B,)
+        soft = th.sigmoid((threshold - null_attention) / self.selection_temperature)
+        return soft - soft.detach()
 
     def _cell(self, gates_in: th.Tensor, h: th.Tensor, c: th.Tensor) -> State:
         """All K cells at once.
@@ -425,9 +493,15 @@ class RIMCell(nn.Module):
             # h^ = h_tent + update for active RIMs; dormant RIMs add exactly zero, so their state is
             # still the previous one bit for bit, and the update gets no gradient from them.
             h_tent = h_tent + self._comm_update(h_tent) * m
-        if self.cell_type == "lstm":
-            c_new = th.where(m, c_new, c)
-        return h_tent, c_new, mask, null_att, token_att
+        c_out = th.where(m, c_new, c) if self.cell_type == "lstm" else c_new
+        if self.selection == "straight_through" and th.is_grad_enabled():
+            assert null_att is not None
+            # Exactly zero forward (so the state is the hard rule's); the gradient of the choice.
+            g = self._straight_through(null_att).unsqueeze(-1)
+            h_tent = h_tent + g * (h_new - h)
+            if self.cell_type == "lstm":
+                c_out = c_out + g * (c_new - c)
+        return h_tent, c_out, mask, null_att, token_att
 
     def initial_state(self, batch_size: int, device: th.device | str | None = None) -> State:
         """Zero state ``(h, c)``, each ``(1, batch_size, K * d_h)``."""
@@ -478,6 +552,8 @@ class RIMCore(nn.Module):
         self.cell = RIMCell(input_size, **kwargs)  # type: ignore[arg-type]
         self.track_activity = False
         self.last_activity: dict[str, th.Tensor] = {}
+        # Balance-loss values of the training unrolls since the trainer last read them.
+        self.balance_losses: list[th.Tensor] = []
 
     @property
     def input_size(self) -> int:
@@ -547,9 +623,12 @@ class RIMCore(nn.Module):
         if cell.cell_type == "gru":
             c = th.zeros_like(h)
         track = tracker is not None and tracker.track_activity
+        balance = cell.balance_coef > 0 and cell.k_active < cell.num_units and th.is_grad_enabled()
         outs: list[th.Tensor] = []
         masks: list[th.Tensor] = []
         attentions: list[th.Tensor] = []
+        selected: list[th.Tensor] = []  # (K, B) masks, for the balance loss
+        shares: list[th.Tensor] = []  # (K, B) input-attention shares, for the balance loss
         for t, step_input in enumerate(inputs.unbind()):
             if reset_steps[t]:
                 assert keep is not None
@@ -558,6 +637,10 @@ class RIMCore(nn.Module):
                     c = c * keep[t]
             h, c, mask, null_att, token_att = cell.step(step_input, h, c)
             outs.append(h * mask.unsqueeze(-1) if cell.mask_output and mask is not None else h)
+            if balance and mask is not None and null_att is not None:
+                selected.append(mask)
+                attention = 1.0 - null_att
+                shares.append(attention / attention.sum(dim=0, keepdim=True))
             if track:
                 masks.append(th.ones(h.shape[:2], dtype=th.bool, device=h.device) if mask is None else mask)
                 if null_att is not None:
@@ -565,6 +648,13 @@ class RIMCore(nn.Module):
                     attentions.append(th.cat([null_att.unsqueeze(-1), token_att], dim=-1).detach())
         # (T, K, B, d_h) -> (T, B, K*d_h)
         out = th.stack(outs).transpose(1, 2).reshape(T, B, cell.hidden_size)
+        if selected:
+            fraction = th.stack(selected).to(out.dtype).mean(dim=(0, 2))  # (K,), no gradient
+            share = th.stack(shares).mean(dim=(0, 2))  # (K,)
+            loss = (cell.num_units / cell.k_active) * (fraction * share).sum()
+            out = AddAuxiliaryLoss.apply(out, cell.balance_coef * loss)
+            if tracker is not None:
+                tracker.balance_losses.append(loss.detach())
         if track:
             assert tracker is not None
             activity = {"mask": th.stack(masks).transpose(1, 2)}

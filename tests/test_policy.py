@@ -414,7 +414,8 @@ def test_same_seed_same_training() -> None:
 def test_policy_constructor_parameters_round_trip() -> None:
     model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", enable_critic_lstm=False))
     params = model.policy._get_constructor_parameters()
-    assert params["core"] == "rims" and params["core_kwargs"] == {**SMALL_RIMS, "input_query_bias": True}
+    resolved = {**SMALL_RIMS, "input_query_bias": True, "input_dropout": 0.0, "comm_dropout": 0.0}
+    assert params["core"] == "rims" and params["core_kwargs"] == resolved
     assert params["enable_critic_lstm"] is False
     clone = RIMPolicy(**copy.deepcopy(params))
     assert clone.lstm_actor.hidden_size == model.policy.lstm_actor.hidden_size
@@ -447,3 +448,31 @@ def test_target_match_embeds_the_target_like_its_cell(env_id: str) -> None:
         hidden, *_ = env.step(0)
         batch = preprocess_obs({k: th.as_tensor(v)[None] for k, v in hidden.items()}, env.observation_space)
         assert not extractor.target_embedding(batch["target"]).any()
+
+
+def test_rim_selection_options_in_ppo() -> None:
+    """The balance loss reaches TensorBoard as rims/balance_loss; noisy selection and dropout, which
+    would make PPO compare two different networks, are refused or off in the policy."""
+    from stable_baselines3.common.logger import KVWriter, Logger
+
+    class Capture(KVWriter):
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+            self.rows.append(dict(key_values))
+
+    core_kwargs = {**SMALL_RIMS, "balance_coef": 0.1, "selection": "straight_through"}
+    model = RIMPPO(
+        "MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, n_epochs=1, seed=0,
+        policy_kwargs=policy_kwargs("rims", core_kwargs=core_kwargs),
+    )  # fmt: skip
+    capture = Capture()
+    model.set_logger(Logger(None, [capture]))
+    model.learn(48)
+    logged = [row["rims/balance_loss"] for row in capture.rows if "rims/balance_loss" in row]
+    assert logged and all(np.isfinite(v) and v > 0 for v in logged)
+    cell = model.policy.lstm_actor.cell
+    assert cell.input_dropout == 0.0 and cell.comm_dropout == 0.0 and cell.selection == "straight_through"
+    with pytest.raises(ValueError, match="selection_noise > 0 cannot train a PPO policy"):
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", core_kwargs={"selection_noise": 0.1}))

@@ -474,3 +474,138 @@ def test_bad_shapes_raise() -> None:
         core(th.randn(3, 2, D_IN), (th.zeros(1, 2, 39), th.zeros(1, 2, 40)))
     with pytest.raises(ValueError, match=r"episode_starts has shape \(3,\)"):
         core(th.randn(3, 2, D_IN), None, th.zeros(3))
+
+
+# ------------------------------------------------------------------------- selection options
+NO_DROPOUT = {"input_dropout": 0.0, "comm_dropout": 0.0}
+SELECTION_OPTIONS = [
+    {"selection": "straight_through"},
+    {"balance_coef": 0.5},
+    {"selection": "straight_through", "balance_coef": 0.5, "selection_temperature": 0.2},
+]
+
+
+@pytest.mark.parametrize("options", SELECTION_OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["vector", "tokens"])
+def test_selection_options_keep_the_hard_rule_forward(options: dict, cell: str, tokens: bool) -> None:
+    """With gradients on (training), every option's states and choices are the paper's rule's bit
+    for bit, and match the naive reference."""
+    hard = make_core(cell=cell, **NO_DROPOUT).train()
+    other = make_core(cell=cell, **NO_DROPOUT, **options).train()
+    hard.track_activity = other.track_activity = True
+    th.manual_seed(5)
+    x = th.randn(6, 3, 4, D_IN) if tokens else th.randn(6, 3, D_IN)
+    state = random_state(hard, 3)
+    out_h, (h_h, c_h) = hard(x, state)
+    out_o, (h_o, c_o) = other(x, state)
+    assert out_o.requires_grad
+    assert th.equal(out_o, out_h) and th.equal(h_o, h_h) and th.equal(c_o, c_h)
+    assert th.equal(other.last_activity["mask"], hard.last_activity["mask"])
+    with th.no_grad():
+        ref_out, ref_masks = reference_unroll(other, x, state)
+    th.testing.assert_close(out_o.detach(), ref_out, atol=1e-5, rtol=1e-5)
+    assert th.equal(other.last_activity["mask"], ref_masks)
+
+
+def _always_dormant_case(core: RIMCore) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor], th.Tensor]:
+    """An input and state (T=1, B=2) that leave some RIM dormant for both elements."""
+    core.track_activity = True
+    for seed in range(50):
+        th.manual_seed(seed)
+        x = th.randn(1, 2, D_IN)
+        state = random_state(core, 2, seed=seed)
+        with th.no_grad():
+            core(x, state)
+        always_dormant = (~core.last_activity["mask"][0]).all(0)
+        if always_dormant.any():
+            return x, state, always_dormant
+    raise AssertionError("no input left a RIM dormant for both elements")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_straight_through_trains_the_choice_not_the_dormant_cell(cell: str) -> None:
+    grads = {}
+    for selection in ("hard", "straight_through"):
+        core = make_core(cell=cell, k_active=2, selection=selection, **NO_DROPOUT)
+        x, state, always_dormant = _always_dormant_case(core)
+        out, _ = core(x, state)
+        (out * th.randn(out.shape, generator=th.Generator().manual_seed(0))).sum().backward()
+        grads[selection] = {n: p.grad for n, p in core.cell.named_parameters()}
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            assert th.count_nonzero(grads[selection][name][always_dormant]) == 0, (selection, name)
+    for name in ("input_query", "input_query_b"):
+        assert th.count_nonzero(grads["hard"][name][always_dormant]) == 0
+        assert th.count_nonzero(grads["straight_through"][name][always_dormant]) > 0, name
+
+
+def test_selection_noise_acts_in_training_mode_only() -> None:
+    core = make_core(k_active=2, selection_noise=0.3, **NO_DROPOUT)
+    hard = make_core(k_active=2, **NO_DROPOUT)
+    core.track_activity = hard.track_activity = True
+    x = th.randn(20, 8, D_IN)
+    with th.no_grad():
+        core.eval()(x)
+        hard.eval()(x)
+        assert th.equal(core.last_activity["mask"], hard.last_activity["mask"])
+        h, c = random_state(core, 8)
+        K, d_h = core.cell.num_units, core.cell.unit_size
+        changed = 0
+        hard_masks = []
+        for t in range(20):
+            hard.eval()(x[t : t + 1], (h, c))
+            hard_masks.append(hard.last_activity["mask"][0])
+            h_new, c_new = core.train()(x[t : t + 1], (h, c))[1]
+            mask = core.last_activity["mask"][0]
+            assert th.all(mask.sum(-1) == 2)
+            dormant = ~mask
+            assert th.equal(h_new[0].view(8, K, d_h)[dormant], h[0].view(8, K, d_h)[dormant])
+            assert th.equal(c_new[0].view(8, K, d_h)[dormant], c[0].view(8, K, d_h)[dormant])
+            changed += int((mask != hard_masks[-1]).any(-1).sum())
+            h, c = h_new, c_new
+    assert changed > 0  # the noise changed some choices (with std 0.3 on attentions in [0, 1])
+
+
+def test_balance_loss_value_and_gradient() -> None:
+    """The logged loss is (K/k) sum_i f_i P_i of the recorded choices and attentions; its gradient is
+    added, with weight balance_coef, to that of whatever loss is computed from the output."""
+    coef = 0.7
+    x = th.randn(7, 4, D_IN)
+    state = random_state(make_core(), 4)
+    proj = th.randn(7, 4, 5 * 8)
+    grads = []
+    for balance, scale in ((coef, 1.0), (0.0, 1.0), (coef, 0.0)):
+        core = make_core(balance_coef=balance, **NO_DROPOUT)
+        core.track_activity = True
+        out, _ = core(x, state)
+        (out * proj * scale).sum().backward()
+        grads.append(th.cat([p.grad.flatten() for p in core.parameters()]))
+        if balance:
+            mask = core.last_activity["mask"].float()  # (T, B, K)
+            att = 1.0 - core.last_activity["input_attention"][..., 0]
+            share = att / att.sum(-1, keepdim=True)
+            expected = 5 / 3 * (mask.mean(dim=(0, 1)) * share.mean(dim=(0, 1))).sum()
+            th.testing.assert_close(core.balance_losses[-1], expected)
+    th.testing.assert_close(grads[0], grads[1] + grads[2])
+    assert grads[2].abs().sum() > 0
+    # Nothing is added without gradients, or when every RIM is active.
+    core = make_core(balance_coef=coef)
+    with th.no_grad():
+        core(x, state)
+    all_active = make_core(balance_coef=coef, k_active=5)
+    all_active(x, state)
+    assert core.balance_losses == [] and all_active.balance_losses == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"selection": "soft"}, "selection='soft'"),
+        ({"selection_temperature": 0.0}, "selection_temperature"),
+        ({"selection_noise": -1.0}, "selection_noise"),
+        ({"balance_coef": -0.1}, "balance_coef"),
+    ],
+)
+def test_bad_selection_settings_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_core(**kwargs)
