@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 
@@ -91,7 +93,12 @@ class RIMActivityCallback(BaseCallback):
       the previous step's;
     - ``rims/input_attention_entropy``: mean entropy (nats) of each RIM's input attention over
       ``[null, tokens...]``;
-    - ``rims/null_attention``: mean attention on the null token.
+    - ``rims/null_attention``: mean attention on the null token;
+    - ``rims/selection_margin``: mean gap in null attention between the (k+1)-th and the k-th
+      least attentive RIM (how close the top-k came to choosing otherwise; absent when k = K);
+    - ``rims/query_grad_norm/rim_<i>``: mean gradient norm reaching RIM ``i``'s input query
+      (weights and bias) per minibatch of the training phase before the rollout (a hard top-k
+      sends none to a RIM dormant for a whole minibatch).
 
     Every ``image_freq`` rollouts, ``rims/activation_pattern``: the active mask of env 0 over its
     last complete episode (RIMs by time; white is active), at most ``max_image_steps`` steps.
@@ -115,12 +122,38 @@ class RIMActivityCallback(BaseCallback):
         self.entropy_sum = 0.0
         self.null_sum = 0.0
         self.attention_steps = 0
+        self.margin_sum = 0.0
         self.prev_mask: np.ndarray | None = None
 
     def _core(self) -> RIMCore | None:
         policy = self.model.policy
         cores: list[RIMCore] = policy.rim_cores() if isinstance(policy, RIMPolicy) else []
         return cores[0] if cores else None
+
+    def _on_training_start(self) -> None:
+        self.query_grads: list[th.Tensor] = []  # (K,) norms, one per backward pass
+        core = self._core()
+        if core is None or not core.cell.input_attention:
+            return
+
+        def record(name: str) -> Callable[[th.Tensor], None]:
+            def hook(grad: th.Tensor) -> None:
+                norms = grad.detach().flatten(1).square().sum(1)  # (K,)
+                if name == "input_query":
+                    self.query_grads.append(norms)
+                elif self.query_grads:  # the bias's hook runs in the same backward pass
+                    self.query_grads[-1] = self.query_grads[-1] + norms
+
+            return hook
+
+        cell = core.cell
+        self.hooks = [cell.input_query.register_hook(record("input_query"))]
+        if cell.input_query_bias:
+            self.hooks.append(cell.input_query_b.register_hook(record("input_query_b")))
+
+    def _on_training_end(self) -> None:
+        for hook in getattr(self, "hooks", []):
+            hook.remove()
 
     def _on_rollout_start(self) -> None:
         core = self._core()
@@ -149,6 +182,10 @@ class RIMActivityCallback(BaseCallback):
             self.entropy_sum += float(-(p * p.log()).sum(-1).mean()) * mask.shape[0]
             self.null_sum += float(p[..., 0].mean()) * mask.shape[0]
             self.attention_steps += mask.shape[0]
+            k, K = core.cell.k_active, core.cell.num_units
+            if k < K:
+                least = th.topk(p[..., 0], k + 1, dim=-1, largest=False).values  # (n_envs, k + 1)
+                self.margin_sum += float((least[:, k] - least[:, k - 1]).sum())
         # Env 0's episode, for the image.
         if starts[0] and self.episode:
             self.last_episode = np.stack(self.episode[: self.max_image_steps], axis=1)
@@ -171,6 +208,13 @@ class RIMActivityCallback(BaseCallback):
             if self.attention_steps:
                 self.logger.record("rims/input_attention_entropy", self.entropy_sum / self.attention_steps)
                 self.logger.record("rims/null_attention", self.null_sum / self.attention_steps)
+                if core.cell.k_active < core.cell.num_units:
+                    self.logger.record("rims/selection_margin", self.margin_sum / self.attention_steps)
+            if self.query_grads:
+                norms = th.stack(self.query_grads).sqrt().mean(0)
+                for i, norm in enumerate(norms.tolist()):
+                    self.logger.record(f"rims/query_grad_norm/rim_{i}", norm)
+                self.query_grads = []
             self._reset_stats()
         if self.last_episode is not None and self.rollouts % self.image_freq == 0:
             self.logger.record("rims/activation_pattern", Image(activity_image(self.last_episode), "HWC"), _NOT_TEXT)

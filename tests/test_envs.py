@@ -355,6 +355,38 @@ def test_pickup_cue_is_registered_and_validated() -> None:
         PickupEnv(size=6, cue_steps=-1)
 
 
+@pytest.mark.parametrize("delay", [0, 1, 4])
+def test_repeat_env_scores_the_symbol_shown_delay_steps_ago(delay: int) -> None:
+    env = gym.make("RIMAgents/Repeat-v0", delay=delay, length=12)
+    for policy in ("perfect", "off-by-one"):
+        obs, _ = env.reset(seed=delay)
+        shown, total, rewards = [int(obs)], 0.0, []
+        for t in range(12):
+            back = delay if policy == "perfect" else delay + 1
+            action = shown[t - back] if t >= back else 0
+            obs, reward, terminated, truncated, info = env.step(action)
+            shown.append(int(obs))
+            rewards.append(reward)
+            total += reward
+            assert not terminated and truncated == (t == 11)
+        assert rewards[:delay] == [0.0] * delay  # nothing is scored before the delay
+        if policy == "perfect":
+            assert total == pytest.approx(1.0) and info["is_success"]
+        else:
+            assert total < 1.0 and not info["is_success"]
+
+
+def test_repeat_env_chance_and_bad_settings() -> None:
+    env = gym.make("RIMAgents/Repeat-v0", delay=2, n_symbols=4, length=400)
+    env.reset(seed=0)
+    total = sum(env.step(0)[1] for _ in range(400))
+    assert 0.15 < total < 0.35  # a memoryless policy is right one time in four
+    with pytest.raises(ValueError, match="must exceed delay"):
+        gym.make("RIMAgents/Repeat-v0", delay=5, length=5)
+    with pytest.raises(ValueError, match="n_symbols=1 is invalid"):
+        gym.make("RIMAgents/Repeat-v0", n_symbols=1)
+
+
 def test_pickup_timeout_truncates() -> None:
     env = PickupEnv(size=6, num_distractors=1, max_steps=5)
     env.reset(seed=0)

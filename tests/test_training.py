@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback
@@ -68,6 +69,12 @@ def test_rim_activity_is_logged(tmp_path: Path) -> None:
     assert sum(fracs) == pytest.approx(3.0)
     assert 0.0 <= float(last["rims/switch_rate"]) <= 1.0
     assert 0.0 < float(last["rims/input_attention_entropy"]) <= 0.6932
+    # Selection diagnostics: the gap at the k-th RIM, and per-RIM query gradients from the
+    # training phase before the last rollout (the first rollout has none before it).
+    assert 0.0 <= float(last["rims/selection_margin"]) <= 1.0
+    norms = [float(last[f"rims/query_grad_norm/rim_{i}"]) for i in range(4)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+    assert "rims/query_grad_norm/rim_0" not in rows[0] or rows[0]["rims/query_grad_norm/rim_0"] == ""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()

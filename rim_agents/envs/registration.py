@@ -22,6 +22,8 @@ def register_envs() -> None:
             max_episode_steps=500,
             reward_threshold=475.0,
         )
+    if "RIMAgents/Repeat-v0" not in gym.registry:
+        gym.register("RIMAgents/Repeat-v0", entry_point="rim_agents.envs.classic:RepeatEnv")
     from rim_agents.envs.pickup import PICKUP_IDS
 
     for env_id, kwargs in PICKUP_IDS.items():
