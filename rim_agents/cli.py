@@ -58,7 +58,7 @@ def _summary(run_dir: Path, num_timesteps: int) -> str:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train, print a summary. Returns the exit code (2 on bad input)."""
     from rim_agents.config import load_config
-    from rim_agents.training import load_run_config, train
+    from rim_agents.training import Interrupted, load_run_config, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -99,6 +99,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is in the run directory; continue with --resume", file=sys.stderr)
         return 130

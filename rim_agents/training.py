@@ -8,16 +8,26 @@ Run directory layout::
     tb/                    TensorBoard logs, progress.csv (and progress_resume<step>.csv)
     checkpoints/step_N.zip periodic checkpoints, written atomically
     final_model.zip        the trained model, written last: a run without it is not finished
+    .lock                  held (``flock``) by the process training in the folder
+
+One process at a time trains in a run directory: a second gets a one-line error. SIGTERM and
+SIGINT stop training at the next env step (never inside an update), save a checkpoint and raise
+:class:`Interrupted`; a second signal stops at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
+from types import FrameType
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -125,10 +135,106 @@ def versions() -> dict[str, Any]:
     return out
 
 
+LOCK_FILE = ".lock"
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal; a checkpoint was saved (``checkpoint`` is None when nothing
+    had been trained yet)."""
+
+    def __init__(self, signum: int, run_dir: Path, checkpoint: Path | None) -> None:
+        self.signum, self.run_dir, self.checkpoint = signum, run_dir, checkpoint
+        name = signal.Signals(signum).name
+        where = (
+            f"checkpoint {checkpoint}; continue with: python train.py --resume {run_dir}"
+            if checkpoint
+            else "nothing trained yet"
+        )
+        super().__init__(f"stopped by {name}: {where}")
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a process trains in it.
+
+    ``flock`` on ``run_dir/.lock``: the kernel drops it when the process exits or dies, so a lock
+    left by a killed process never blocks. The file keeps the holder's pid for the error message.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(
+                f"run directory {self.path.parent} is in use by another training process (pid {holder}): "
+                "wait for it to finish or choose another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class StopOnSignal(BaseCallback):
+    """Ends ``learn`` at the next env step after SIGTERM or SIGINT (a second signal: at once).
+
+    Stopping between env steps means the model is always the one after a complete update.
+    Handlers are installed only in the main thread (Python delivers signals there).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # the second signal: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_step(self) -> bool:
+        return self.signum is None
+
+
 def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<env>_<core>_s<seed>_<time>``, created here so that two runs started in the same
+    second get two folders (``_2``, ``_3``, ... on a clash)."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     env = config.env.replace("/", "-")
-    return Path("runs") / f"{env}_{config.core}_s{config.seed}_{stamp}"
+    base = Path("runs") / f"{env}_{config.core}_s{config.seed}_{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not create a fresh run directory next to {base}: pass --run-dir")
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -161,13 +267,48 @@ def train(
     :param progress_bar: show a progress bar.
     :param extra_callbacks: more SB3 callbacks.
     """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    created = run_dir is None
+    if run_dir is None:
+        run_dir = default_run_dir(config)
+    run_dir = Path(run_dir)
+    if not resume and not run_dir.exists():
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as e:
+            raise UsageError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        created = True
+    if not run_dir.is_dir():
+        what = "does not exist" if not run_dir.exists() else "is not a folder"
+        raise UsageError(f"run directory {run_dir} {what}: pass the folder of a run")
+    lock = RunLock(run_dir).acquire()
+    stop = StopOnSignal().install()
+    try:
+        return _train_locked(config, run_dir, resume, command, progress_bar, extra_callbacks, stop)
+    finally:
+        stop.restore()
+        lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            # Failed before writing anything: leave nothing that looks like a run behind.
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
+
+
+def _train_locked(
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    command: list[str] | None,
+    progress_bar: bool,
+    extra_callbacks: list[BaseCallback] | None,
+    stop: StopOnSignal,
+) -> Path:
+    """:func:`train` once the run directory is locked."""
     checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise UsageError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*.zip)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UsageError(f"run directory {run_dir} already exists and is not empty: pass --resume or another --run-dir")
 
     # Everything that can fail on bad input happens before the run directory is written.
@@ -184,8 +325,10 @@ def train(
         except UsageError:
             env.close()
             raise
+    if stop.signum is not None:
+        env.close()
+        raise Interrupted(stop.signum, run_dir, None)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     cmd = " ".join(command or sys.argv)
     with open(run_dir / "command.txt", "a") as f:
@@ -197,7 +340,7 @@ def train(
     formats = [make_output_format("tensorboard", tb_dir), make_output_format("csv", tb_dir, suffix)]
     model.set_logger(Logger(tb_dir, formats))
 
-    callbacks: list[BaseCallback] = []
+    callbacks: list[BaseCallback] = [stop]
     if config.checkpoint_freq > 0:
         callbacks.append(CheckpointCallback(run_dir, config.checkpoint_freq))
     if config.core == "rims":
@@ -222,6 +365,8 @@ def train(
         raise
     finally:
         env.close()
-    save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+    last = save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, run_dir, last)
     save_model(model, run_dir / FINAL_MODEL)
     return run_dir

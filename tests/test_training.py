@@ -206,3 +206,81 @@ def test_train_script_writes_a_run(tmp_path: Path) -> None:
     assert f"tensorboard --logdir {run / 'tb'}" in result.stdout
     assert (run / FINAL_MODEL).is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["core"] == "lstm"
+
+
+# ------------------------------------------------------------------------------ reliability
+def test_a_locked_run_directory_is_refused(tmp_path: Path) -> None:
+    from rim_agents.training import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run).acquire()
+    try:
+        with pytest.raises(UsageError, match=rf"in use by another training process \(pid {os.getpid()}\)"):
+            train(tiny_config(), run)
+    finally:
+        lock.release()
+    # A lock file left behind by a process that is gone does not block.
+    assert (run / ".lock").is_file()
+    assert (train(tiny_config(total=32), run) / FINAL_MODEL).is_file()
+
+
+def test_failed_start_leaves_no_run_directory(tmp_path: Path) -> None:
+    config = tiny_config()
+    config.env = "Nope-v0"
+    with pytest.raises(UsageError, match="unknown environment id"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_run_directories_are_distinct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rim_agents.training import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config()
+    dirs = {default_run_dir(config) for _ in range(3)}  # the same second, most likely
+    assert len(dirs) == 3 and all(d.is_dir() for d in dirs)
+
+
+def _train_process(run: Path, steps: int, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--env", "CartPole-v1", "--total-timesteps", str(steps)]
+    cmd += ["--run-dir", str(run), *TINY, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_processes_cannot_share_a_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    procs = [_train_process(run, 64, "rims.k_active=2"), _train_process(run, 64, "rims.k_active=4")]
+    outcomes = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in outcomes)
+    assert codes == [0, 2], outcomes
+    loser = next(err for code, err in outcomes if code == 2).strip().splitlines()
+    assert len(loser) == 1 and ("in use by another training process" in loser[0] or "already exists" in loser[0])
+    # The folder holds one consistent run: the saved config is the model's.
+    k_saved = yaml.safe_load((run / "config.yaml").read_text())["rims"]["k_active"]
+    assert RIMPPO.load(run / FINAL_MODEL).policy.lstm_actor.cell.k_active == k_saved
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = _train_process(run, 1_000_000, "checkpoint_freq=0")
+    deadline = time.time() + 120
+    while not list((run / "tb").glob("progress.csv")) or len(read_progress(run)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
+    assert code == 143
+    assert len(err) == 1 and err[0].startswith("stopped by SIGTERM: checkpoint ") and "--resume" in err[0]
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and not (run / FINAL_MODEL).exists()
+    steps = RIMPPO.load(ckpt).num_timesteps
+    assert steps >= 64 and ckpt.name == f"step_{steps:012d}.zip"
+    # The run resumes from there.
+    assert train_main(["--resume", str(run), "--total-timesteps", str(steps + 32)]) == 0
+    assert RIMPPO.load(run / FINAL_MODEL).num_timesteps == steps + 32
