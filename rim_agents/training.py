@@ -27,9 +27,9 @@ import signal
 import subprocess
 import sys
 import threading
-from types import FrameType
 from importlib import metadata
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
