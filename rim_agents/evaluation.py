@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import io
 import json
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +168,7 @@ class Checkpoint:
 
 def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     """A run directory (its final model, else its newest checkpoint) or a checkpoint file."""
-    from rim_agents.training import CONFIG_FILE, load_run_config
+    from rim_agents.training import CONFIG_FILE, load_model, load_run_config
 
     path = Path(target)
     if path.is_dir():
@@ -189,10 +188,8 @@ def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     else:
         raise UsageError(f"checkpoint or run directory {path} does not exist")
     config = load_run_config(run_dir)
-    try:
-        model = RIMPPO.load(ckpt, device=device)
-    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError, OSError) as e:
-        raise UsageError(f"cannot load checkpoint {ckpt}: {str(e).splitlines()[0] or type(e).__name__}") from None
+    # Rebuilt from the run's config with weights-only tensors: nothing in the file is unpickled.
+    model = load_model(config, ckpt, device=device)
     return Checkpoint(ckpt, run_dir, config, model)
 
 

@@ -17,21 +17,26 @@ SIGINT stop training at the next env step (never inside an update), save a check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import fcntl
+import io
 import json
 import os
+import pickle
 import platform
 import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch as th
 import yaml
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
@@ -116,6 +121,61 @@ def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
         )
     except (ValueError, AssertionError, RuntimeError) as e:
         raise UsageError(f"cannot build the model: {str(e).splitlines()[0]}") from None
+
+
+#: Entries of SB3's ``data`` that resume needs, read as plain JSON numbers (never unpickled).
+_RESUME_DATA = ("num_timesteps", "_n_updates", "_current_progress_remaining", "_episode_num")
+
+
+def load_model(config: TrainConfig, checkpoint: Path, env: VecEnv | None = None, device: str | None = None) -> RIMPPO:
+    """Load a checkpoint of a run without unpickling anything from it.
+
+    SB3's ``load`` unpickles the ``data`` entry of the zip, which runs whatever code a crafted file
+    holds. Here the model is rebuilt from the run's ``config.yaml`` (read as safe YAML), its
+    tensors are read with ``torch.load(weights_only=True)``, and the step counter and schedule
+    progress are read from ``data`` as plain JSON numbers.
+
+    :param config: the run's config.
+    :param checkpoint: a ``.zip`` written by this package (``save_model``).
+    :param env: the env the model will run on (spaces must match the run's); one of the run's
+        own is made and closed when None.
+    :param device: overrides ``config.device``.
+    """
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            data = json.loads(archive.read("data"))
+            tensors = {
+                name: th.load(io.BytesIO(archive.read(f"{name}.pth")), map_location="cpu", weights_only=True)
+                for name in ("policy", "policy.optimizer")
+            }
+    except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"cannot load checkpoint {checkpoint}: {first}") from None
+    config = copy.deepcopy(config)
+    if device is not None:
+        config.device = device
+    if config.core == "rims" and not any(k.endswith("input_query_b") for k in tensors["policy"]):
+        config.rims.input_query_bias = False  # a checkpoint from before the query bias existed
+    own_env = env is None
+    env = make_env(config, n_envs=1) if env is None else env
+    try:
+        model = build_model(config, env)
+    finally:
+        if own_env:
+            env.close()
+    try:
+        model.policy.load_state_dict(tensors["policy"])
+        model.policy.optimizer.load_state_dict(tensors["policy.optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line or "key" in line.lower()), lines[0])
+        raise UsageError(
+            f"checkpoint {checkpoint} does not fit {config.env} as its run's {CONFIG_FILE} builds it: {detail[:200]}"
+        ) from None
+    for key in _RESUME_DATA:
+        if isinstance(data.get(key), (int, float)) and not isinstance(data.get(key), bool):
+            setattr(model, key, data[key])
+    return model
 
 
 def versions() -> dict[str, Any]:
@@ -313,18 +373,11 @@ def _train_locked(
 
     # Everything that can fail on bad input happens before the run directory is written.
     env = make_env(config)
-    if checkpoint is not None:
-        try:
-            model = RIMPPO.load(checkpoint, env=env, device=config.device)
-        except Exception as e:  # a damaged zip, a pickle from elsewhere
-            env.close()
-            raise UsageError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            model = build_model(config, env)
-        except UsageError:
-            env.close()
-            raise
+    try:
+        model = build_model(config, env) if checkpoint is None else load_model(config, checkpoint, env)
+    except UsageError:
+        env.close()
+        raise
     if stop.signum is not None:
         env.close()
         raise Interrupted(stop.signum, run_dir, None)

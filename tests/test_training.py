@@ -284,3 +284,55 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path) -> None:
     # The run resumes from there.
     assert train_main(["--resume", str(run), "--total-timesteps", str(steps + 32)]) == 0
     assert RIMPPO.load(run / FINAL_MODEL).num_timesteps == steps + 32
+
+
+class _Evil:
+    """Unpickling this creates a file: the shape of a crafted checkpoint's payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def _plant_payload(checkpoint: Path, marker: Path) -> None:
+    """Rewrite the checkpoint's SB3 ``data`` so that unpickling any of it creates ``marker``."""
+    import base64
+    import json
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    data = json.loads(entries["data"])
+    payload = base64.b64encode(pickle.dumps(_Evil(marker))).decode()
+    for key, value in data.items():
+        if isinstance(value, dict) and ":serialized:" in value:
+            value[":serialized:"] = payload
+            data[key] = value
+    entries["data"] = json.dumps(data).encode()
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+
+
+def test_evaluating_and_resuming_never_unpickle_the_checkpoint(tmp_path: Path) -> None:
+    from rim_agents.cli import evaluate_main
+
+    run = train(tiny_config(total=64), tmp_path / "run")
+    marker = tmp_path / "pwned"
+    for ckpt in [run / FINAL_MODEL, *(run / "checkpoints").glob("step_*.zip")]:
+        _plant_payload(ckpt, marker)
+    # The crafted file is dangerous for a plain SB3 load...
+    with pytest.raises(Exception):  # noqa: B017 (what the payload breaks after running does not matter)
+        RIMPPO.load(run / FINAL_MODEL)
+    assert marker.exists()
+    marker.unlink()
+    # ... and harmless for ours: same weights, same step counter, nothing executed.
+    out = tmp_path / "eval"
+    args = [str(run), "--shifts", "none", "--episodes", "2", "--out", str(out), "--no-tensorboard", "--no-progress"]
+    assert evaluate_main(args) == 0
+    assert train_main(["--resume", str(run), "--total-timesteps", "96"]) == 0  # from the crafted step_64
+    assert not marker.exists()
+    assert RIMPPO.load(run / FINAL_MODEL).num_timesteps == 96  # written by this process, clean
