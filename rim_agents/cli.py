@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,14 +44,15 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _summary(run_dir: Path, num_timesteps: int) -> str:
+    q = shlex.quote
     return "\n".join(
         [
             f"Training finished: {num_timesteps} env steps.",
             f"  run directory : {run_dir}",
             f"  final model   : {run_dir / 'final_model.zip'}",
-            f"  TensorBoard   : tensorboard --logdir {run_dir / 'tb'}",
-            f"  evaluate      : python evaluate.py {run_dir} --shifts all --episodes 100",
-            f"  resume/extend : python train.py --resume {run_dir} --total-timesteps N",
+            f"  TensorBoard   : tensorboard --logdir {q(str(run_dir / 'tb'))}",
+            f"  evaluate      : python evaluate.py {q(str(run_dir))} --shifts all --episodes 100",
+            f"  resume/extend : python train.py --resume {q(str(run_dir))} --total-timesteps N",
         ]
     )
 

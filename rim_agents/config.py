@@ -13,6 +13,7 @@ for float fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -168,9 +169,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [v if item is Any else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif (tp is str and isinstance(value, str)) or (
-        ((origin is list or tp is list) and isinstance(value, list))
-        or ((origin is dict or tp is dict) and isinstance(value, dict))
+        (tp is list and isinstance(value, list)) or ((origin is dict or tp is dict) and isinstance(value, dict))
     ):
         return value
     raise ConfigError(f"config key {key}: {value!r} is not a valid {_type_name(tp)}")
@@ -210,15 +213,25 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: give a YAML file") from None
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_text(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+def yaml_error_text(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or ["parse error"])[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_layer(config: TrainConfig, data: dict[str, Any], core: str | None = None) -> None:
@@ -282,6 +295,9 @@ def load_config(
         top.update({k: v for k, v in layer.items() if k in ("env", "core") and v is not None})
     env_id = top.get("env")
     chosen_core = top.get("core", "rims")
+    for key, value in (("env", env_id), ("core", chosen_core)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"config key {key}: {value!r} is not a valid str (e.g. env=CartPole-v1, core=rims)")
     if not env_id:
         raise ConfigError("no environment given: pass --env ENV_ID (e.g. BreakoutNoFrameskip-v4)")
     if chosen_core not in CORES:
@@ -306,16 +322,32 @@ def validate(config: TrainConfig) -> None:
 
     if config.core not in CORES:
         raise ConfigError(f"unknown core {config.core!r}: choose one of {', '.join(CORES)}")
-    for key in ("n_envs", "total_timesteps"):
+    for key in ("n_envs", "total_timesteps", "rim_log_freq", "rim_image_freq"):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key {key} must be positive, got {getattr(config, key)}")
+    if config.checkpoint_freq < 0:
+        raise ConfigError(
+            f"config key checkpoint_freq must be >= 0 (0: final model only), got {config.checkpoint_freq}"
+        )
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
         raise ConfigError(f"device {config.device!r} is not auto, cpu or cuda")
     _validate_schedule(config.ppo.learning_rate, "ppo.learning_rate")
     _validate_schedule(config.ppo.clip_range, "ppo.clip_range")
+    _check_ranges(config.ppo)
     ppo = config.ppo
     if ppo.n_steps < 1 or ppo.batch_size < 1 or ppo.n_epochs < 1:
         raise ConfigError("ppo.n_steps, ppo.batch_size and ppo.n_epochs must be positive")
+    rollout = config.n_envs * ppo.n_steps
+    if ppo.batch_size > rollout or rollout % ppo.batch_size:
+        raise ConfigError(
+            f"ppo.batch_size={ppo.batch_size} must divide a rollout of n_envs * ppo.n_steps = {rollout} "
+            "transitions (and not exceed it)"
+        )
     if ppo.seq_len is not None:
         if ppo.seq_len < 1 or ppo.n_steps % ppo.seq_len:
             raise ConfigError(f"ppo.seq_len={ppo.seq_len} must be a positive divisor of ppo.n_steps={ppo.n_steps}")
@@ -342,6 +374,30 @@ def validate(config: TrainConfig) -> None:
             RIMCell(8, **dataclasses.asdict(config.rims))
         except ValueError as e:
             raise ConfigError(f"invalid rims settings: {e}") from None
+
+
+#: PPO settings and their valid ranges: (low, high, low inclusive, high inclusive).
+_PPO_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "learning_rate": (0.0, 1.0, False, True),
+    "clip_range": (0.0, 10.0, False, True),
+    "ent_coef": (0.0, math.inf, True, False),
+    "vf_coef": (0.0, math.inf, True, False),
+    "gamma": (0.0, 1.0, False, True),
+    "gae_lambda": (0.0, 1.0, True, True),
+    "max_grad_norm": (0.0, math.inf, False, False),
+}
+
+
+def _check_ranges(ppo: PPOConfig) -> None:
+    for key, (low, high, low_in, high_in) in _PPO_RANGES.items():
+        raw = getattr(ppo, key)
+        value = float(raw[4:]) if isinstance(raw, str) else float(raw)
+        inside = (value > low or (low_in and value == low)) and (value < high or (high_in and value == high))
+        if not (math.isfinite(value) and inside):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"config key ppo.{key}={raw!r} is out of range: it must lie in {interval}")
+    if ppo.target_kl is not None and not (math.isfinite(ppo.target_kl) and ppo.target_kl > 0):
+        raise ConfigError(f"config key ppo.target_kl={ppo.target_kl!r} must be a positive number or null")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -101,7 +101,10 @@ def shift_names(family: str) -> list[str]:
 
 
 def _probability(value: str, what: str) -> float:
-    p = float(value)
+    try:
+        p = float(value)
+    except ValueError:
+        raise UsageError(f"shift {what}: {value!r} is not a number (e.g. flicker-0.5)") from None
     if not 0.0 <= p <= 1.0:
         raise UsageError(f"shift {what}: {value} is not in [0, 1]")
     return p

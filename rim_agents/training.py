@@ -18,6 +18,7 @@ SIGINT stop training at the next env step (never inside an update), save a check
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import datetime as dt
 import fcntl
@@ -26,6 +27,7 @@ import json
 import os
 import pickle
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,12 +42,14 @@ import torch as th
 import yaml
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Logger, make_output_format
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat, make_output_format
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
+from torch.utils.tensorboard import SummaryWriter
 
 from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback, ShiftEvalCallback
 from rim_agents.checkpoints import (
+    CHECKPOINT_DIR,
     FINAL_MODEL,
     atomic_write_text,
     checkpoint_path,
@@ -119,8 +123,13 @@ def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
             device=config.device,
             verbose=0,
         )
-    except (ValueError, AssertionError, RuntimeError) as e:
-        raise UsageError(f"cannot build the model: {str(e).splitlines()[0]}") from None
+    except (ValueError, AssertionError, RuntimeError, TypeError) as e:
+        raise UsageError(f"cannot build the model: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    except MemoryError:
+        raise UsageError(
+            f"cannot build the model: not enough memory for a rollout of {config.n_envs} envs x "
+            f"{ppo.n_steps} steps; lower ppo.n_steps or n_envs"
+        ) from None
 
 
 #: Entries of SB3's ``data`` that resume needs, read as plain JSON numbers (never unpickled).
@@ -150,7 +159,7 @@ def load_model(config: TrainConfig, checkpoint: Path, env: VecEnv | None = None,
             }
     except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"cannot load checkpoint {checkpoint}: {first}") from None
+        raise DamagedCheckpoint(f"cannot load checkpoint {checkpoint}: {first}") from None
     config = copy.deepcopy(config)
     if device is not None:
         config.device = device
@@ -213,6 +222,10 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {name}: {where}")
 
 
+class DamagedCheckpoint(UsageError):
+    """A checkpoint file that cannot be read (truncated, not a zip, bad tensors)."""
+
+
 class RunLock:
     """An exclusive lock on a run directory, held while a process trains in it.
 
@@ -225,7 +238,10 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot write in run directory {self.path.parent}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -363,35 +379,45 @@ def _train_locked(
     stop: StopOnSignal,
 ) -> Path:
     """:func:`train` once the run directory is locked."""
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UsageError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*.zip)")
-    elif any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    for stale in [*run_dir.glob(".*.tmp*"), *run_dir.glob(f"{CHECKPOINT_DIR}/.*.tmp*")]:
+        stale.unlink()  # half-written by a process that was killed (we hold the lock)
+    if not resume and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UsageError(f"run directory {run_dir} already exists and is not empty: pass --resume or another --run-dir")
 
     # Everything that can fail on bad input happens before the run directory is written.
     env = make_env(config)
     try:
-        model = build_model(config, env) if checkpoint is None else load_model(config, checkpoint, env)
+        model = build_model(config, env) if not resume else _load_newest(config, run_dir, env)
     except UsageError:
         env.close()
         raise
+    if resume and config.total_timesteps < model.num_timesteps:
+        env.close()
+        raise UsageError(
+            f"the run in {run_dir} already has {model.num_timesteps} steps: "
+            "pass --total-timesteps above that to extend it"
+        )
     if stop.signum is not None:
         env.close()
         raise Interrupted(stop.signum, run_dir, None)
 
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    cmd = " ".join(command or sys.argv)
+    cmd = shlex.join(command or sys.argv)
     with open(run_dir / "command.txt", "a") as f:
         f.write(("resume: " if resume else "") + cmd + "\n")
     atomic_write_text(run_dir / "versions.json", json.dumps(versions(), indent=2) + "\n")
-    # A resumed run writes a CSV of its own beside the first (SB3 would truncate progress.csv).
+    # A resumed run writes a CSV of its own beside the first (SB3 would truncate progress.csv);
+    # points logged after the checkpoint it resumes from (by a process that was killed) are
+    # dropped from the earlier CSVs and, through purge_step, from TensorBoard.
     suffix = f"_resume{model.num_timesteps}" if resume else ""
-    tb_dir = str(run_dir / "tb")
-    formats = [make_output_format("tensorboard", tb_dir), make_output_format("csv", tb_dir, suffix)]
-    model.set_logger(Logger(tb_dir, formats))
+    tb_dir = run_dir / "tb"
+    tensorboard = make_output_format("tensorboard", str(tb_dir))
+    if resume:
+        _purge_progress(tb_dir, model.num_timesteps)
+        assert isinstance(tensorboard, TensorBoardOutputFormat)
+        tensorboard.writer.close()
+        tensorboard.writer = SummaryWriter(str(tb_dir), purge_step=model.num_timesteps + 1)
+    model.set_logger(Logger(str(tb_dir), [tensorboard, make_output_format("csv", str(tb_dir), suffix)]))
 
     callbacks: list[BaseCallback] = [stop]
     if config.checkpoint_freq > 0:
@@ -411,15 +437,52 @@ def _train_locked(
                 reset_num_timesteps=not resume,
                 progress_bar=progress_bar,
             )
+    except OSError as e:  # a checkpoint could not be written (disk full, folder removed)
+        newest = latest_checkpoint(run_dir)
+        kept = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written"
+        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}; {kept}") from None
     except BaseException:
-        # Keep what was trained: an interrupted run can be resumed from here.
-        if model.num_timesteps > 0:
-            save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+        # Keep what was trained: an interrupted run can be resumed from here. A checkpoint of the
+        # same step is never overwritten (this model may be half way through an update).
+        path = checkpoint_path(run_dir, model.num_timesteps)
+        if model.num_timesteps > 0 and not path.exists():
+            save_model(model, path)
         raise
     finally:
         env.close()
-    last = save_model(model, checkpoint_path(run_dir, model.num_timesteps))
-    if stop.signum is not None:
-        raise Interrupted(stop.signum, run_dir, last)
-    save_model(model, run_dir / FINAL_MODEL)
+    try:
+        last = save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, run_dir, last)
+        save_model(model, run_dir / FINAL_MODEL)
+    except OSError as e:
+        raise UsageError(f"cannot write the trained model to {run_dir}: {e.strerror or e}") from None
     return run_dir
+
+
+def _load_newest(config: TrainConfig, run_dir: Path, env: VecEnv) -> RIMPPO:
+    """The newest readable checkpoint of a run; a damaged one is renamed ``*.damaged`` (kept, not
+    deleted) with a warning, and the one before it is used."""
+    while (checkpoint := latest_checkpoint(run_dir)) is not None:
+        try:
+            return load_model(config, checkpoint, env)
+        except DamagedCheckpoint as e:
+            aside = checkpoint.with_name(checkpoint.name + ".damaged")
+            checkpoint.rename(aside)
+            print(f"warning: {e}; kept as {aside.name}, resuming from the checkpoint before it", file=sys.stderr)
+    raise UsageError(f"cannot resume {run_dir}: it holds no checkpoint (checkpoints/step_*.zip) that can be read")
+
+
+def _purge_progress(tb_dir: Path, step: int) -> None:
+    """Drop rows logged after ``step`` from the run's progress CSVs (rewritten atomically)."""
+    for path in sorted(tb_dir.glob("progress*.csv")):
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "time/total_timesteps" not in rows[0]:
+            continue
+        col = rows[0].index("time/total_timesteps")
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and (not r[col] or float(r[col]) <= step)]
+        if len(kept) < len(rows):
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(kept)
+            atomic_write_text(path, buffer.getvalue())

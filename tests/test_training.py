@@ -165,6 +165,21 @@ def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
         (["--env", "CartPole-v1", "ppo.n_epochs=many"], "ppo.n_epochs: 'many' is not a valid int"),
         (["--env", "CartPole-v1", "--config", "/nonexistent.yaml"], "does not exist"),
         (["--env", "CartPole-v1", "--total-timesteps", "ten"], "invalid int value"),
+        (["env=5"], "config key env: 5 is not a valid str"),
+        (["env=[a]"], "config key env: ['a'] is not a valid str"),
+        (["--env", "CartPole-v1", "policy.net_arch=[a]"], "policy.net_arch[0]: 'a' is not a valid int"),
+        (["--env", "CartPole-v1", "ppo.gamma=2"], "ppo.gamma=2.0 is out of range"),
+        (["--env", "CartPole-v1", "ppo.learning_rate=1e999"], "ppo.learning_rate=inf is out of range"),
+        (["--env", "CartPole-v1", "rim_log_freq=0"], "rim_log_freq must be positive"),
+        (["--env", "CartPole-v1", "rim_image_freq=0"], "rim_image_freq must be positive"),
+        (["--env", "CartPole-v1", "checkpoint_freq=-5"], "checkpoint_freq must be >= 0"),
+        (["--env", "CartPole-v1", "ppo.batch_size=100"], "must divide a rollout"),
+        (["--env", "CartPole-v1", "ppo.batch_size=4096"], "must divide a rollout"),
+        (["--env", "CartPole-v1", "policy.features_extractor_kwargs={bogus: 1}"], "cannot build the model"),
+        (
+            ["--env", "RIMAgents/Pickup-6x6-v0", "--eval-shifts", "flicker-1.2.3", "--eval-freq", "64"],
+            "is not a number",
+        ),
     ],
 )
 def test_cli_bad_input(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,6 +188,29 @@ def test_cli_bad_input(args: list[str], message: str, tmp_path: Path, capsys: py
     assert code == 2
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_cli_cuda_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--env", "CartPole-v1", "--device", "cuda", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ppo:\n  n_steps: 8\n bad: [\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, message in [
+        (["--config", str(binary)], "is not UTF-8 text"),
+        (["--config", str(broken)], "at line 3, column"),
+        (["--run-dir", str(a_file)], "is not a folder"),
+    ]:
+        assert train_main(["--env", "CartPole-v1", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_cli_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -336,3 +374,68 @@ def test_evaluating_and_resuming_never_unpickle_the_checkpoint(tmp_path: Path) -
     assert train_main(["--resume", str(run), "--total-timesteps", "96"]) == 0  # from the crafted step_64
     assert not marker.exists()
     assert RIMPPO.load(run / FINAL_MODEL).num_timesteps == 96  # written by this process, clean
+
+
+def test_resume_after_a_kill_purges_orphaned_points_and_stale_files(tmp_path: Path) -> None:
+    """A killed run logged steps past its last checkpoint: resuming drops those points (CSV and
+    TensorBoard), so no step appears twice; half-written temporary files are removed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(tiny_config(total=128, extra=["checkpoint_freq=64"]), tmp_path / "run")
+    # What kill -9 at step ~128 leaves: rows up to 128, a checkpoint at 64, a half-written file.
+    for late in [run / FINAL_MODEL, *(run / "checkpoints").glob("step_00000000012*.zip")]:
+        late.unlink()
+    stale = run / "checkpoints" / ".step_000000000128.zip.tmp99999"
+    stale.write_bytes(b"half")
+    assert latest_checkpoint(run).name == "step_000000000064.zip"
+    assert train_main(["--resume", str(run), "--total-timesteps", "128"]) == 0
+    steps = [int(row["time/total_timesteps"]) for row in read_progress(run)]
+    assert steps == [32, 64, 96, 128]
+    events = EventAccumulator(str(run / "tb")).Reload()
+    tb_steps = [e.step for e in events.Scalars("train/learning_rate")]
+    assert len(tb_steps) == len(set(tb_steps))
+    assert not stale.exists()
+
+
+def test_resume_refuses_a_budget_below_the_run_and_keeps_its_config(tmp_path: Path) -> None:
+    run = train(tiny_config(total=64), tmp_path / "run")
+    before = (run / "config.yaml").read_text()
+    assert train_main(["--resume", str(run), "--total-timesteps", "32"]) == 2
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = train(tiny_config(total=64), tmp_path / "run")
+    newest = latest_checkpoint(run)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    assert train_main(["--resume", str(run), "--total-timesteps", "96"]) == 0
+    assert "resuming from the checkpoint before it" in capsys.readouterr().err
+    assert newest.with_name(newest.name + ".damaged").is_file()  # kept, not deleted
+    assert RIMPPO.load(run / FINAL_MODEL).num_timesteps == 96
+
+
+def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import rim_agents.checkpoints as checkpoints
+
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace(src: object, dst: object) -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:  # config, versions, first checkpoint succeed
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    with pytest.raises(
+        UsageError, match="No space left on device; the newest complete checkpoint is .*step_000000000032"
+    ):
+        train(tiny_config(total=128), tmp_path / "run")
+
+
+def test_command_is_recorded_shell_quoted(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(total=32), run, command=["python", "train.py", "policy.net_arch=[16, 16]"])
+    assert (run / "command.txt").read_text().strip() == "python train.py 'policy.net_arch=[16, 16]'"
