@@ -430,7 +430,7 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, mon
 
     monkeypatch.setattr(checkpoints.os, "replace", replace)
     with pytest.raises(
-        UsageError, match="No space left on device; the newest complete checkpoint is .*step_000000000032"
+        UsageError, match=r"No space left on device; the newest complete checkpoint is .*step_000000000032"
     ):
         train(tiny_config(total=128), tmp_path / "run")
 
