@@ -49,6 +49,19 @@ def checkpoint_path(run_dir: Path, num_timesteps: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"step_{num_timesteps:012d}.zip"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step counter saved in a checkpoint, read as plain JSON (nothing unpickled); -1 if unreadable."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            steps = json.loads(archive.read("data")).get("num_timesteps")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return -1
+    return int(steps) if isinstance(steps, int) else -1
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the most steps in ``run_dir/checkpoints``, or None."""
     folder = run_dir / CHECKPOINT_DIR

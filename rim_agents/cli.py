@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -132,18 +133,29 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-envs", type=int, default=8, help="parallel envs per evaluation")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default eval_results/<time>)")
+    p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write eval scalars to the runs' TensorBoard")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, evaluate, write the results. Returns the exit code (2 on bad input)."""
+    """Parse ``argv``, evaluate, write the results as they come. Returns the exit code (2 on bad
+    input, 130 when interrupted: the finished evaluations are kept)."""
     import datetime as dt
 
     from rim_agents.evaluation import evaluate, format_table, write_outputs, write_tensorboard
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    out: Path | None = None
+    created = False
+    done: dict = {}
+
+    def save(results: dict) -> None:
+        assert out is not None
+        done["results"] = results
+        write_outputs(results, out)
+
     try:
         args = evaluate_parser().parse_args(argv)
         shifts: str | list[str] = "all" if args.shifts == "all" else [s for s in args.shifts.split(",") if s]
@@ -151,6 +163,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--shifts is empty: give 'all' or names such as none,novel-distractors")
         if args.n_envs < 1:
             raise UsageError(f"--n-envs must be positive, got {args.n_envs}")
+        out = Path(args.out) if args.out else Path("eval_results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        created = _prepare_out(out, args.force)
         results = evaluate(
             args.targets,
             shifts,
@@ -160,14 +174,39 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             n_envs=args.n_envs,
             device=args.device,
             progress=not args.no_progress and sys.stderr.isatty(),
+            on_result=save,
         )
     except UsageError as e:
+        if created and out is not None and not any(out.iterdir()):
+            out.rmdir()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("eval_results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    except KeyboardInterrupt:
+        finished = sum(len(c["shifts"]) for c in done.get("results", {}).get("checkpoints", []))
+        where = f"{finished} finished checkpoint x shift evaluations are in {out}" if finished else "nothing finished"
+        print(f"interrupted: {where}", file=sys.stderr)
+        return 130
     paths = write_outputs(results, out)
-    if not args.no_tensorboard:
-        write_tensorboard(results)
     print(format_table(results))
     print("\nwritten: " + ", ".join(str(p) for p in paths))
+    if not args.no_tensorboard:
+        for problem in write_tensorboard(results):
+            print(f"warning: results saved, but not written to TensorBoard in {problem}", file=sys.stderr)
     return 0
+
+
+def _prepare_out(out: Path, force: bool) -> bool:
+    """Check, before any episode runs, that ``out`` can be written; return whether it was created."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"--out {out} already holds results: pass --force to overwrite them, or another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return created

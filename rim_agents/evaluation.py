@@ -22,9 +22,16 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv
 
-from rim_agents.checkpoints import FINAL_MODEL, atomic_write_bytes, atomic_write_text, latest_checkpoint
+from rim_agents.checkpoints import (
+    FINAL_MODEL,
+    atomic_write_bytes,
+    atomic_write_text,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from rim_agents.config import TrainConfig, env_family
 from rim_agents.envs import make_vec_env
 from rim_agents.errors import UsageError
@@ -175,7 +182,7 @@ def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
         run_dir = path
         if not (run_dir / CONFIG_FILE).is_file():
             raise UsageError(f"{path} is not a run directory (no {CONFIG_FILE}): pass a folder written by train.py")
-        ckpt = run_dir / FINAL_MODEL if (run_dir / FINAL_MODEL).is_file() else latest_checkpoint(run_dir)
+        ckpt = newest_model(run_dir)
         if ckpt is None:
             raise UsageError(f"run directory {path} holds no model yet (no {FINAL_MODEL}, no checkpoints/step_*.zip)")
     elif path.is_file():
@@ -191,6 +198,18 @@ def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     # Rebuilt from the run's config with weights-only tensors: nothing in the file is unpickled.
     model = load_model(config, ckpt, device=device)
     return Checkpoint(ckpt, run_dir, config, model)
+
+
+def newest_model(run_dir: Path) -> Path | None:
+    """``final_model.zip``, unless a checkpoint has more steps (an extension that was interrupted);
+    None when the run holds no model."""
+    final = run_dir / FINAL_MODEL
+    newest = latest_checkpoint(run_dir)
+    if not final.is_file():
+        return newest
+    if newest is not None and checkpoint_step(newest) > checkpoint_step(final):
+        return newest
+    return final
 
 
 def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
@@ -223,8 +242,13 @@ def evaluate(
     n_envs: int = 8,
     device: str = "auto",
     progress: bool = False,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate checkpoints under shifts and aggregate seeds.
+
+    ``on_result`` receives the results so far after every checkpoint x shift (so that a caller can
+    write them as they come and an interrupt keeps them). Torch, NumPy and the envs are seeded
+    with ``seed`` before each checkpoint x shift.
 
     Everything that can fail on bad input (paths, checkpoints, shift names, space mismatches) is
     checked before the first episode runs.
@@ -256,48 +280,52 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(s) for _, s in plans) * episodes, unit="episode", desc="evaluating")
-    results = []
+    results: list[dict[str, Any]] = []
+    settings = {"episodes": episodes, "seed": seed, "deterministic": deterministic}
+
+    def report() -> dict[str, Any]:
+        return {"settings": settings, "checkpoints": results, "groups": aggregate(results, seed)}
+
     for ckpt, specs in plans:
         per_shift: dict[str, Any] = {}
+        entry = {
+            "checkpoint": str(ckpt.path),
+            "run_dir": str(ckpt.run_dir),
+            "env": ckpt.config.env,
+            "core": ckpt.config.core,
+            "seed": ckpt.config.seed,
+            "num_timesteps": int(ckpt.model.num_timesteps),
+            "group": _group_key(ckpt.config),
+            "shifts": per_shift,
+        }
+        results.append(entry)
         for name, spec in specs:
+            # Seeded per checkpoint and shift: a result does not depend on what ran before it.
+            set_random_seed(seed)
             env = make_eval_env(ckpt.config, spec, min(n_envs, episodes), seed)
             try:
                 eps = run_episodes(ckpt.model, env, episodes, deterministic, bar.update if bar else None)
             finally:
                 env.close()
             low, high = bootstrap_ci(eps.returns, seed=seed)
+            ref = per_shift["none"]["mean_return"] if per_shift else float(np.mean(eps.returns))
+            mean = float(np.mean(eps.returns))
             per_shift[name] = {
                 "episodes": len(eps.returns),
-                "mean_return": float(np.mean(eps.returns)),
+                "mean_return": mean,
                 "ci95": [low, high],
                 "success_rate": float(np.mean(eps.successes)) if eps.successes else None,
                 "success_ci95": list(bootstrap_ci(eps.successes, seed=seed)) if eps.successes else None,
                 "mean_length": float(np.mean(eps.lengths)),
                 "returns": eps.returns,
+                "drop": ref - mean,
+                "relative_drop": (ref - mean) / abs(ref) if ref else None,
             }
-        ref = per_shift["none"]["mean_return"]
-        for stats in per_shift.values():
-            stats["drop"] = ref - stats["mean_return"]
-            stats["relative_drop"] = (ref - stats["mean_return"]) / abs(ref) if ref else None
-        results.append(
-            {
-                "checkpoint": str(ckpt.path),
-                "run_dir": str(ckpt.run_dir),
-                "env": ckpt.config.env,
-                "core": ckpt.config.core,
-                "seed": ckpt.config.seed,
-                "num_timesteps": int(ckpt.model.num_timesteps),
-                "group": _group_key(ckpt.config),
-                "shifts": per_shift,
-            }
-        )
+            if on_result is not None:
+                on_result(report())
     if bar is not None:
         bar.close()
-    return {
-        "settings": {"episodes": episodes, "seed": seed, "deterministic": deterministic},
-        "checkpoints": results,
-        "groups": aggregate(results, seed),
-    }
+    return report()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -500,15 +528,22 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_tensorboard(results: dict[str, Any]) -> None:
-    """The same scalars in each run's TensorBoard (``eval/<shift>/...`` at the checkpoint's step)."""
+def write_tensorboard(results: dict[str, Any]) -> list[str]:
+    """The same scalars in each run's TensorBoard, ``evaluate/<shift>/...`` at the checkpoint's step
+    (training-time evaluations log ``eval/<shift>/...``). Returns one line per run that could
+    not be written (a read-only run directory), instead of failing after the results are saved."""
     from torch.utils.tensorboard import SummaryWriter
 
+    problems = []
     for r in results["checkpoints"]:
-        writer = SummaryWriter(str(Path(r["run_dir"]) / "tb"))
-        for name, s in r["shifts"].items():
-            writer.add_scalar(f"eval/{name}/mean_return", s["mean_return"], r["num_timesteps"])
-            writer.add_scalar(f"eval/{name}/mean_length", s["mean_length"], r["num_timesteps"])
-            if s["success_rate"] is not None:
-                writer.add_scalar(f"eval/{name}/success_rate", s["success_rate"], r["num_timesteps"])
-        writer.close()
+        try:
+            writer = SummaryWriter(str(Path(r["run_dir"]) / "tb"))
+            for name, s in r["shifts"].items():
+                writer.add_scalar(f"evaluate/{name}/mean_return", s["mean_return"], r["num_timesteps"])
+                writer.add_scalar(f"evaluate/{name}/mean_length", s["mean_length"], r["num_timesteps"])
+                if s["success_rate"] is not None:
+                    writer.add_scalar(f"evaluate/{name}/success_rate", s["success_rate"], r["num_timesteps"])
+            writer.close()
+        except OSError as e:
+            problems.append(f"{r['run_dir']}: {e.strerror or e}")
+    return problems

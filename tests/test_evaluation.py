@@ -104,7 +104,9 @@ def test_cli_writes_outputs_and_tensorboard(pickup_runs: list[Path], tmp_path: P
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(pickup_runs[0] / "tb")).Reload()
-    assert "eval/flicker-0.5/mean_return" in events.Tags()["scalars"]
+    tags = events.Tags()["scalars"]
+    # Kept apart from the training-time evaluations' eval/<shift>/ tags.
+    assert "evaluate/flicker-0.5/mean_return" in tags and "eval/flicker-0.5/mean_return" not in tags
 
 
 def test_checkpoint_file_and_run_dir_agree(pickup_runs: list[Path]) -> None:
@@ -180,3 +182,68 @@ def test_aggregate_groups_seeds_and_names_ablations() -> None:
     assert groups["rims (k_active=2)"]["seeds"] == [0, 1, 2, 3]
     assert groups["rims (k_active=2)"]["shifts"]["none"]["iqm_return"] == pytest.approx(1.5)  # mean of 1, 2
     assert groups["rims (k_active=4)"]["shifts"]["none"]["iqm_return"] == pytest.approx(10.5)
+
+
+def test_out_is_checked_first_and_never_overwritten_silently(pickup_runs: list[Path], tmp_path: Path, capsys) -> None:
+    run = str(pickup_runs[0])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "results.json").write_text("{}")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, message in ((taken, "already holds results: pass --force"), (a_file, "is a file")):
+        assert evaluate_main([run, "--shifts", "none", "--episodes", "2", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert (taken / "results.json").read_text() == "{}"
+    assert evaluate_main([run, "--shifts", "none", "--episodes", "2", "--out", str(taken), "--force"]) == 0
+    assert json.loads((taken / "results.json").read_text())["checkpoints"]
+
+
+def test_interrupt_keeps_finished_results(
+    pickup_runs: list[Path], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rim_agents.evaluation as evaluation
+
+    real = evaluation.run_episodes
+    calls = {"n": 0}
+
+    def interrupted_on_the_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_episodes", interrupted_on_the_third)
+    out = tmp_path / "out"
+    args = [str(pickup_runs[0]), "--shifts", "none,view-5,view-3", "--episodes", "2", "--out", str(out)]
+    assert evaluate_main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: 2 finished checkpoint x shift evaluations are in {out}"]
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["checkpoints"][0]["shifts"]) == {"none", "view-5"}
+
+
+def test_results_do_not_depend_on_the_neighbours(pickup_runs: list[Path]) -> None:
+    kwargs = {"shifts": ["none"], "episodes": 6, "seed": 0}
+    alone = evaluate([pickup_runs[1]], **kwargs)["checkpoints"][0]["shifts"]["none"]["returns"]
+    after = evaluate([pickup_runs[0], pickup_runs[1]], **kwargs)["checkpoints"][1]["shifts"]["none"]["returns"]
+    assert alone == after
+
+
+def test_an_interrupted_extension_is_evaluated_at_its_newest_checkpoint(
+    pickup_runs: list[Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from rim_agents.checkpoints import checkpoint_path, save_model
+    from rim_agents.evaluation import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(pickup_runs[0], run)
+    model = resolve_checkpoint(run).model
+    model.num_timesteps += 1000  # what an extension that stopped before its final model leaves
+    save_model(model, checkpoint_path(run, model.num_timesteps))
+    ckpt = resolve_checkpoint(run)
+    assert ckpt.path.name == f"step_{model.num_timesteps:012d}.zip"
+    assert ckpt.model.num_timesteps == model.num_timesteps
