@@ -289,6 +289,7 @@ def plot_curves(task_name: str, cores: list[str], results: list[dict], runs: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     task = TASKS[task_name]
     grid = np.linspace(0, task.steps, 61)[1:]
@@ -311,7 +312,8 @@ def plot_curves(task_name: str, cores: list[str], results: list[dict], runs: Pat
         boot = c[rng.integers(0, len(c), (1000, len(c)))].mean(axis=1)
         ax.plot(grid, c.mean(axis=0), label=f"{core} ({len(c)} seeds)")
         ax.fill_between(grid, np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0), alpha=0.25)
-    ax.set_xlabel("env steps")
+    ax.set_xlabel("env steps (thousands)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}"))
     ax.set_ylabel(task.curve.split("/")[-1].replace("_", " ") + " (training)")
     ax.set_title(f"{task_name}: {task.env}")
     ax.legend(loc="lower right", fontsize=8)
