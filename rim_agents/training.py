@@ -441,12 +441,21 @@ def _train_locked(
         newest = latest_checkpoint(run_dir)
         kept = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written"
         raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}; {kept}") from None
-    except BaseException:
+    except BaseException as e:
+        if not _finite(model):
+            newest = latest_checkpoint(run_dir)
+            kept = f"the newest checkpoint, {newest}, was saved before" if newest else "no checkpoint was saved"
+            raise UsageError(
+                f"training diverged at step {model.num_timesteps} (NaN or inf in the policy; lower "
+                f"ppo.learning_rate or ppo.max_grad_norm); {kept}"
+            ) from None
         # Keep what was trained: an interrupted run can be resumed from here. A checkpoint of the
         # same step is never overwritten (this model may be half way through an update).
         path = checkpoint_path(run_dir, model.num_timesteps)
         if model.num_timesteps > 0 and not path.exists():
             save_model(model, path)
+        if isinstance(e, ValueError) and "nan" in str(e).lower():
+            raise UsageError(f"training failed at step {model.num_timesteps}: {str(e).splitlines()[0]}") from None
         raise
     finally:
         env.close()
@@ -458,6 +467,11 @@ def _train_locked(
     except OSError as e:
         raise UsageError(f"cannot write the trained model to {run_dir}: {e.strerror or e}") from None
     return run_dir
+
+
+def _finite(model: RIMPPO) -> bool:
+    """Whether every parameter of the policy is finite."""
+    return all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
 
 
 def _load_newest(config: TrainConfig, run_dir: Path, env: VecEnv) -> RIMPPO:

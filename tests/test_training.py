@@ -439,3 +439,20 @@ def test_command_is_recorded_shell_quoted(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny_config(total=32), run, command=["python", "train.py", "policy.net_arch=[16, 16]"])
     assert (run / "command.txt").read_text().strip() == "python train.py 'policy.net_arch=[16, 16]'"
+
+
+class _Diverge(BaseCallback):
+    """Turns the policy to NaN at a step, as a too-large learning rate does."""
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= 40:
+            with __import__("torch").no_grad():
+                next(self.model.policy.mlp_extractor.parameters()).fill_(float("nan"))
+        return True
+
+
+def test_divergence_is_one_line_and_saves_no_nan_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"training diverged at step \d+ \(NaN or inf in the policy"):
+        train(tiny_config(total=128), tmp_path / "run", extra_callbacks=[_Diverge()])
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*.zip"))
+    assert [p.name for p in checkpoints] == ["step_000000000032.zip"]
