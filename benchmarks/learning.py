@@ -222,6 +222,29 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
     (run / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def random_baseline(task_name: str, episodes: int = 100, seed: int = 2_000_000) -> float:
+    """Mean return of uniformly random actions over ``episodes`` episodes (Atari: whole games)."""
+    from rim_agents.config import load_config
+    from rim_agents.training import make_env
+
+    task = TASKS[task_name]
+    config = load_config(task.env, "none", overrides=list(task.overrides))
+    env = make_env(config, seed=seed)
+    env.reset()
+    rng = np.random.default_rng(seed)
+    returns: list[float] = []
+    while len(returns) < episodes:
+        n = getattr(env.action_space, "n", None)
+        if n is not None:
+            actions = rng.integers(0, n, env.num_envs)
+        else:
+            actions = np.array([env.action_space.sample() for _ in range(env.num_envs)])
+        _, _, _, infos = env.step(actions)
+        returns += [float(i["episode"]["r"]) for i in infos if "episode" in i]
+    env.close()
+    return float(np.mean(returns[:episodes]))
+
+
 # ------------------------------------------------------------------------------------- summary
 def summarise(results: list[dict], runs: Path, out: Path) -> dict:
     from rim_agents.evaluation import bootstrap_ci, iqm
@@ -338,6 +361,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override every task's budget (smoke tests; use another --runs)")
     parser.add_argument("--summary-only", action="store_true", help="summarise finished runs, start nothing")
     parser.add_argument("extra", nargs="*", help="KEY=VALUE config overrides for every run (use another --runs)")
+    parser.add_argument("--random-baseline", action="store_true", help="print each task's random-policy return")
     parser.add_argument("--evaluate-run", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,6 +374,12 @@ def main() -> None:
             TASKS[t] = replace(TASKS[t], steps=args.steps)
     if args.evaluate_run:
         evaluate_run(Path(args.evaluate_run), args.task, args.episodes)
+        return
+    if args.random_baseline:
+        for t in tasks:
+            print(
+                f"{t}: random policy mean return {random_baseline(t, args.episodes):.2f} over {args.episodes} episodes"
+            )
         return
     runs, out = Path(args.runs), Path(args.out)
     # Seed-major, so that a study stopped early has every core on the same seeds.

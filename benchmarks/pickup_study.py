@@ -4,7 +4,7 @@ Trains, by default on ``RIMAgents/Pickup-6x6-v0`` with one distractor (a 6x6 roo
 training-palette distractor; ``more-distractors`` then means 2; ``--env`` and ``--num-distractors``
 change it), with configs/minigrid.yaml's PPO settings and the same budget for every run:
 
-- ``rims`` and ``lstm``: ``--seeds`` seeds each (default 5);
+- ``rims``, ``lstm`` and ``none`` (the feed-forward control): ``--seeds`` seeds each (default 5);
 - ablations, ``--ablation-seeds`` each (default 3): ``rims`` with ``k = K`` (``rims-all-active``),
   ``rims`` without communication (``rims-no-comm``) and ``rims`` with bias-free queries
   (``rims-no-query-bias``, the core before ``input_query_bias``).
@@ -40,6 +40,7 @@ ENV = "RIMAgents/Pickup-6x6-v0"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rims": ("rims", []),
     "lstm": ("lstm", []),
+    "none": ("none", []),  # the feed-forward control: what memory buys
     "rims-all-active": ("rims", ["rims.k_active=4"]),  # configs/minigrid.yaml: num_units 4
     "rims-no-comm": ("rims", ["rims.communication=false"]),
     "rims-no-query-bias": ("rims", ["rims.input_query_bias=false"]),
@@ -53,7 +54,7 @@ def main() -> None:
         "--num-distractors", type=int, default=1, help="distractors in training (-1: the env id's own count)"
     )
     parser.add_argument("--steps", type=int, default=250_000, help="env steps per run")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of rims and lstm")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of rims, lstm and none")
     parser.add_argument("--ablation-seeds", type=int, default=3, help="seeds of each ablation")
     parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per checkpoint and shift")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
@@ -74,7 +75,7 @@ def main() -> None:
     jobs: list[tuple[Path, list[str]]] = []
     for name in variants:
         core, overrides = VARIANTS[name]
-        n_seeds = args.seeds if name in ("rims", "lstm") else args.ablation_seeds
+        n_seeds = args.seeds if name in ("rims", "lstm", "none") else args.ablation_seeds
         for seed in range(n_seeds):
             run = runs_dir / f"{name}_s{seed}"
             cmd = [
