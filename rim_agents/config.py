@@ -25,7 +25,8 @@ import yaml
 
 from rim_agents.errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The family configs, shipped inside the package (the top-level ``configs/`` links here).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: Recurrent cores by name; ``none`` is the feed-forward control (see :mod:`rim_agents.cores`).
 CORES = ("rims", "lstm", "gru", "none")
 
@@ -305,8 +306,9 @@ def load_config(
 
     config = TrainConfig()
     family_file = CONFIG_DIR / f"{env_family(env_id)}.yaml"
-    if family_file.is_file():
-        apply_layer(config, read_yaml(family_file), chosen_core)
+    if not family_file.is_file():
+        raise ConfigError(f"the {env_family(env_id)} family config {family_file} is missing: reinstall rim-agents")
+    apply_layer(config, read_yaml(family_file), chosen_core)
     apply_layer(config, user, chosen_core)
     config.env, config.core = str(env_id), str(chosen_core)
     _merge(config, {k: v for k, v in (flags or {}).items() if v is not None})

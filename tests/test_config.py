@@ -128,3 +128,52 @@ def test_env_family() -> None:
     assert env_family("MiniGrid-Fetch-8x8-N3-v0") == "minigrid"
     assert env_family("CartPole-v1") == "classic"
     assert env_family("RIMAgents/CartPoleNoVel-v1") == "classic"
+
+
+def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
+    """A wheel holds the family configs, and the installed copy loads them (no source tree)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-800:]
+    (wheel,) = tmp_path.glob("rim_agents-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"rim_agents/configs/{f}.yaml" for f in ("atari", "minigrid", "classic")} <= set(names)
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
+    assert subprocess.run(install, capture_output=True, timeout=300).returncode == 0
+    code = (
+        "import rim_agents.config as c; assert c.CONFIG_DIR.is_relative_to(%r), c.CONFIG_DIR; "
+        "cfg = c.load_config('RIMAgents/Pickup-6x6-v0', 'rims'); "
+        "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 4"
+    ) % str(target)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(target)})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-800:]
+
+
+def test_a_missing_family_config_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rim_agents.config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="family config .*minigrid.yaml is missing"):
+        load_config("RIMAgents/Pickup-6x6-v0", "rims")

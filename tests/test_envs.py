@@ -456,3 +456,19 @@ def test_fast_view_equals_minigrid_gen_obs() -> None:
                 np.testing.assert_array_equal(env.egocentric_view(), MiniGridEnv.gen_obs(env)["image"])
                 break
     assert checked > 1000 and pickups > 10
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import gymnasium, rim_agents; gymnasium.make('RIMAgents/Pickup-8x8-v0')",
+        "import gymnasium; gymnasium.make('rim_agents:RIMAgents/PickupCue-6x6-v0')",
+        "import gymnasium, rim_agents; gymnasium.make('RIMAgents/Repeat-v0'); gymnasium.make('BreakoutNoFrameskip-v4')",
+    ],
+)
+def test_importing_the_package_registers_its_envs(code: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
