@@ -38,11 +38,21 @@ def test_every_core_shares_every_ppo_setting(family: str) -> None:
 
 
 def test_every_config_file_loads_strictly() -> None:
+    """Every family file, with every core section, goes through the strict loader and validation."""
+    from rim_agents.config import CORES, TrainConfig, apply_layer, validate
+
     files = sorted(CONFIG_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= {"atari", "minigrid", "classic"}
     for f in files:
         data = read_yaml(f)
-        assert set(data) - {"cores"}, f
+        assert set(data.get("cores", {})) <= set(CORES), f
+        for core in CORES:
+            config = TrainConfig(env="CartPole-v1", core=core)
+            apply_layer(config, data, core)  # unknown keys or wrong types raise
+            validate(config)
+    # The loader is strict: a misspelt key in a family file would raise.
+    with pytest.raises(ConfigError, match="unknown config key 'ppo.n_step'"):
+        apply_layer(TrainConfig(), {"ppo": {"n_step": 8}})
 
 
 def test_precedence_defaults_yaml_file_flags_overrides(tmp_path: Path) -> None:

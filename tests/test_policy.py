@@ -89,8 +89,16 @@ def test_works_with_stock_recurrent_ppo(core: str) -> None:
         RIMPolicy, "CartPole-v1", n_steps=16, batch_size=16, n_epochs=1, seed=0, policy_kwargs=policy_kwargs(core)
     )
     model.learn(32)
+    # sb3-contrib's own loop (predict with states) and ours give the same greedy actions.
+    policy = model.policy.eval()
+    obs = _obs_batch(model, 4).numpy()
+    actions, _ = model.predict(obs, state=None, episode_start=np.ones(4, dtype=bool), deterministic=True)
+    with th.no_grad():
+        zeros = (th.zeros(1, 4, policy.lstm_actor.hidden_size),) * 2
+        dist = policy.get_distribution(th.as_tensor(obs), zeros, th.ones(4))[0]
+    np.testing.assert_array_equal(actions, dist.get_actions(deterministic=True).numpy())
     mean, _ = evaluate_policy(model, model.get_env(), n_eval_episodes=2)
-    assert mean > 0
+    assert mean >= 8  # CartPole returns at least 8 for any policy; the call runs whole episodes
 
 
 def test_auto_seq_len_refuses_to_fall_to_a_few_steps() -> None:
