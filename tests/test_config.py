@@ -51,7 +51,7 @@ def test_every_config_file_loads_strictly() -> None:
             apply_layer(config, data, core)  # unknown keys or wrong types raise
             validate(config)
     # The loader is strict: a misspelt key in a family file would raise.
-    with pytest.raises(ConfigError, match="unknown config key 'ppo.n_step'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'ppo\.n_step'"):
         apply_layer(TrainConfig(), {"ppo": {"n_step": 8}})
 
 
@@ -172,10 +172,10 @@ def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
     assert subprocess.run(install, capture_output=True, timeout=300).returncode == 0
     code = (
-        "import rim_agents.config as c; assert c.CONFIG_DIR.is_relative_to(%r), c.CONFIG_DIR; "
+        f"import rim_agents.config as c; assert c.CONFIG_DIR.is_relative_to({str(target)!r}), c.CONFIG_DIR; "
         "cfg = c.load_config('RIMAgents/Pickup-6x6-v0', 'rims'); "
         "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 4"
-    ) % str(target)
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(target)})  # fmt: skip
     assert run.returncode == 0, run.stderr[-800:]
