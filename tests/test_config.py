@@ -185,5 +185,5 @@ def test_a_missing_family_config_is_an_error(tmp_path: Path, monkeypatch: pytest
     import rim_agents.config as config_module
 
     monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
-    with pytest.raises(ConfigError, match="family config .*minigrid.yaml is missing"):
+    with pytest.raises(ConfigError, match=r"family config .*minigrid\.yaml is missing"):
         load_config("RIMAgents/Pickup-6x6-v0", "rims")
