@@ -4,32 +4,14 @@ A shift either changes how the environment is built (``env_kwargs``: distractor 
 view size, Atari mode, difficulty, sticky actions) or transforms observations (a ``VecEnv``
 wrapper: flicker, occlusion, drawn distractors). ``flicker-0.5+occlusion-0.2`` applies both.
 
-==================  ========  ====================================================================
-name                families  what changes
-==================  ========  ====================================================================
-none                all       nothing (in distribution)
-novel-distractors   minigrid  distractors only from the held-out palette (boxes; purple, yellow,
-                              grey objects), never seen in training
-more-distractors    minigrid  twice as many distractors
-novel-and-more      minigrid  both of the above
-view-N              minigrid  an N x N view (N odd, 3 or 5), partial observability
-cue-N               minigrid  memory variant only (``cue_steps`` set, e.g. PickupCue): the target
-                              shown in the first N observations (``cue-0``: never)
-flicker-p           both      each observation blanked with probability p (Hausknecht & Stone
-                              2015): Atari blanks each frame before stacking; MiniGrid blanks
-                              the image (the target, an instruction, stays)
-occlusion-f         atari     a fixed full-width band covering a fraction f of the screen
-distractors-N       atari     N (default 3) novel moving bright squares drawn on every frame
-                              (in the spirit of Gamrian & Goldberg 2019)
-sticky-p            atari     repeat_action_probability p
-mode-M              atari     ALE game mode M (Farebrother et al. 2018; Breakout 12 hides bricks)
-difficulty-D        atari     ALE game difficulty D
-==================  ========  ====================================================================
+The catalogue below is generated from :data:`SHIFT_DEFS` (as are ``evaluate.py --help`` and the
+README's table).
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,19 +38,66 @@ class ShiftDef:
 
 
 SHIFT_DEFS: tuple[ShiftDef, ...] = (
-    ShiftDef("none", r"none", FAMILIES, "nothing changes"),
-    ShiftDef("novel-distractors", r"novel-distractors", ("minigrid",), "distractors from the held-out palette"),
+    ShiftDef("none", r"none", FAMILIES, "nothing (in distribution)"),
+    ShiftDef(
+        "novel-distractors",
+        r"novel-distractors",
+        ("minigrid",),
+        "distractors only from the held-out palette (every box; purple, yellow, grey objects), never seen in training",
+    ),
     ShiftDef("more-distractors", r"more-distractors", ("minigrid",), "twice as many distractors"),
-    ShiftDef("novel-and-more", r"novel-and-more", ("minigrid",), "twice as many held-out distractors"),
-    ShiftDef("view-N", r"view-(\d+)", ("minigrid",), "an N x N view (N odd, 3..5)"),
-    ShiftDef("cue-N", r"cue-(\d+)", ("minigrid",), "the target shown in the first N observations only"),
-    ShiftDef("flicker-p", r"flicker-([0-9.]+)", ("atari", "minigrid"), "observations blanked with probability p"),
-    ShiftDef("occlusion-f", r"occlusion-([0-9.]+)", ("atari",), "a band covering a fraction f of the screen"),
-    ShiftDef("distractors-N", r"distractors(?:-(\d+))?", ("atari",), "N novel moving squares on every frame"),
+    ShiftDef("novel-and-more", r"novel-and-more", ("minigrid",), "both of the above"),
+    ShiftDef("view-N", r"view-(\d+)", ("minigrid",), "an N x N view, N = 3, 5 or 7 (cells outside it read unseen)"),
+    ShiftDef(
+        "cue-N",
+        r"cue-(\d+)",
+        ("minigrid",),
+        "memory variant only (an env with cue_steps, e.g. PickupCue): the target shown in the first N "
+        "observations (cue-0: never)",
+    ),
+    ShiftDef(
+        "flicker-p",
+        r"flicker-([0-9.]+)",
+        ("atari", "minigrid"),
+        "each observation blanked with probability p (Hausknecht & Stone 2015): Atari blanks each frame "
+        "before stacking, MiniGrid the image (the target stays)",
+    ),
+    ShiftDef(
+        "occlusion-f", r"occlusion-([0-9.]+)", ("atari",), "a fixed full-width band covering a fraction f of the screen"
+    ),
+    ShiftDef(
+        "distractors-N",
+        r"distractors(?:-(\d+))?",
+        ("atari",),
+        "N (default 3) novel moving bright squares drawn on every frame (after Gamrian & Goldberg 2019)",
+    ),
     ShiftDef("sticky-p", r"sticky-([0-9.]+)", ("atari",), "repeat_action_probability p"),
-    ShiftDef("mode-M", r"mode-(\d+)", ("atari",), "ALE game mode M"),
+    ShiftDef(
+        "mode-M", r"mode-(\d+)", ("atari",), "ALE game mode M (Farebrother et al. 2018; Breakout 12 hides the bricks)"
+    ),
     ShiftDef("difficulty-D", r"difficulty-(\d+)", ("atari",), "ALE game difficulty D"),
 )
+
+
+def _families(d: ShiftDef) -> str:
+    return "all" if d.families == FAMILIES else ", ".join(d.families)
+
+
+def shift_table(markdown: bool = False) -> str:
+    """The catalogue: a Markdown table (the README's) or plain text (``--help``, this module's doc)."""
+    if markdown:
+        rows = ["| shift | families | what changes |", "|---|---|---|"]
+        return "\n".join(rows + [f"| `{d.name}` | {_families(d)} | {d.doc} |" for d in SHIFT_DEFS])
+    lines = []
+    for d in SHIFT_DEFS:
+        wrapped = textwrap.wrap(d.doc, 63) or [""]
+        lines.append(f"  {d.name:<19}{_families(d):<16}{wrapped[0]}")
+        lines += [" " * 37 + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
+__doc__ = f"{__doc__}\n{shift_table()}\n\nShifts compose with ``+``, e.g. ``flicker-0.5+occlusion-0.2``.\n"
+
 
 #: The shifts ``--shifts all`` runs, per family.
 DEFAULT_SHIFTS: dict[str, tuple[str, ...]] = {

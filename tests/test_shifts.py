@@ -196,3 +196,30 @@ def test_composition_merges_both() -> None:
     assert parse_shift("more-distractors", "minigrid", {"num_distractors": 4}).env_kwargs["num_distractors"] == 8
     atari = parse_shift("flicker-0.5+occlusion-0.2+distractors", "atari")
     assert [name for name, _ in atari.frame_transforms] == ["flicker-0.5", "occlusion-0.2", "distractors"]
+
+
+def test_shift_catalogue_is_one_registry() -> None:
+    """The README's table, this module's doc and evaluate.py --help come from SHIFT_DEFS."""
+    from pathlib import Path
+
+    from rim_agents.cli import evaluate_parser
+    from rim_agents.shifts import SHIFT_DEFS, shift_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert shift_table(markdown=True) in readme
+    assert shift_table() in evaluate_parser().format_help()
+    # Every listed shift parses for each family it names (with its parameter filled in).
+    examples = {
+        "view-N": "view-5",
+        "cue-N": "cue-0",
+        "flicker-p": "flicker-0.5",
+        "occlusion-f": "occlusion-0.2",
+        "distractors-N": "distractors-2",
+        "sticky-p": "sticky-0.25",
+        "mode-M": "mode-4",
+        "difficulty-D": "difficulty-1",
+    }
+    env_ids = {"atari": "BreakoutNoFrameskip-v4", "minigrid": "RIMAgents/PickupCue-6x6-v0", "classic": "CartPole-v1"}
+    for d in SHIFT_DEFS:
+        for family in d.families:
+            parse_shift(examples.get(d.name, d.name), family, {}, env_ids[family])
