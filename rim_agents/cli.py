@@ -28,7 +28,17 @@ def train_parser() -> argparse.ArgumentParser:
         "policy.enable_critic_lstm=true. "
         "Order: config defaults < configs/<family>.yaml < --config < flags < KEY=VALUE.",
     )
-    p.add_argument("--env", help="gymnasium env id, e.g. BreakoutNoFrameskip-v4 or RIMAgents/Pickup-8x8-v0")
+    p.add_argument(
+        "--env",
+        help="gymnasium env id, e.g. BreakoutNoFrameskip-v4, RIMAgents/Pickup-8x8-v0, or module:EnvId for an "
+        "env another package registers when imported",
+    )
+    p.add_argument(
+        "--env-package",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first (it registers env ids); repeatable; recorded in the run's config",
+    )
     p.add_argument("--core", choices=None, help="rims (default), lstm, gru or none (feed-forward control)")
     p.add_argument("--config", help="a YAML config file (same keys as configs/*.yaml)")
     p.add_argument("--total-timesteps", type=int, help="env steps to train for (all envs together)")
@@ -73,9 +83,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             "device": args.device,
             "eval_freq": args.eval_freq,
             "eval_shifts": [s for s in args.eval_shifts.split(",") if s] if args.eval_shifts else None,
+            "env_packages": args.env_package or None,
         }
         if args.resume:
-            names = ("env", "core", "config", "run_dir", "seed", "n_envs", "eval_shifts", "eval_freq")
+            names = ("env", "core", "config", "run_dir", "seed", "n_envs", "eval_shifts", "eval_freq", "env_package")
             conflicting = [n for n in names if getattr(args, n)]
             if conflicting or args.overrides:
                 what = ", ".join([f"--{n.replace('_', '-')}" for n in conflicting] + args.overrides)

@@ -13,6 +13,7 @@ for float fields.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 import types
@@ -58,7 +59,7 @@ class PPOConfig:
 class PolicyConfig:
     """Arguments of :class:`rim_agents.RIMPolicy` other than the core's own."""
 
-    features_extractor: str = "nature_cnn"  # nature_cnn | nature_cnn_tokens | minigrid | flatten
+    features_extractor: str = "nature_cnn"  # nature_cnn | nature_cnn_tokens | minigrid | flatten | combined | auto
     features_extractor_kwargs: dict[str, Any] = field(default_factory=dict)
     net_arch: list[int] = field(default_factory=list)  # MLP after the core, shared by actor and critic
     lstm_hidden_size: int = 128  # width of the lstm / gru cores
@@ -112,6 +113,7 @@ class TrainConfig:
     """Everything one training run needs."""
 
     env: str = ""
+    env_packages: list[str] = field(default_factory=list)  # modules imported first: they register env ids
     core: str = "rims"  # rims | lstm | gru | none (feed-forward control)
     seed: int = 0
     n_envs: int = 8
@@ -301,6 +303,10 @@ def load_config(
             raise ConfigError(f"config key {key}: {value!r} is not a valid str (e.g. env=CartPole-v1, core=rims)")
     if not env_id:
         raise ConfigError("no environment given: pass --env ENV_ID (e.g. BreakoutNoFrameskip-v4)")
+    packages: list[str] = []
+    if ":" in env_id:  # gymnasium's "module:EnvId": the module registers the id when imported
+        module, env_id = env_id.split(":", 1)
+        packages.append(module)
     if chosen_core not in CORES:
         raise ConfigError(f"unknown core {chosen_core!r}: choose one of {', '.join(CORES)}")
 
@@ -314,13 +320,32 @@ def load_config(
     _merge(config, {k: v for k, v in (flags or {}).items() if v is not None})
     for layer in layers:
         _merge(config, layer)
+    config.env = config.env.split(":", 1)[-1]
+    config.env_packages = list(dict.fromkeys([*config.env_packages, *packages]))
     validate(config)
     return config
 
 
+def import_env_packages(packages: list[str]) -> None:
+    """Import the modules that register env ids (``--env-package``, the ``module`` of ``module:EnvId``)."""
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                f"cannot import {package!r} to register its environments ({e}): install the package "
+                "that provides them, or fix --env-package / the module:EnvId id"
+            ) from None
+        except Exception as e:  # the package's own import failed
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"importing {package!r} to register its environments failed: {first}") from None
+
+
 def validate(config: TrainConfig) -> None:
     """Checks that need more than one key, or a range."""
-    from rim_agents.extractors import EXTRACTORS
+    from rim_agents.extractors import EXTRACTOR_NAMES
+
+    import_env_packages(config.env_packages)
 
     if config.core not in CORES:
         raise ConfigError(f"unknown core {config.core!r}: choose one of {', '.join(CORES)}")
@@ -364,10 +389,10 @@ def validate(config: TrainConfig) -> None:
         register_envs()
         for shift in config.eval_shifts:
             parse_shift(shift, env_family(config.env), config.env_options.env_kwargs, config.env)
-    if config.policy.features_extractor not in EXTRACTORS:
+    if config.policy.features_extractor not in EXTRACTOR_NAMES:
         raise ConfigError(
             f"unknown policy.features_extractor {config.policy.features_extractor!r}: "
-            f"choose one of {', '.join(EXTRACTORS)}"
+            f"choose one of {', '.join(EXTRACTOR_NAMES)}"
         )
     if config.core == "rims":
         from rim_agents.rim import RIMCell

@@ -154,7 +154,7 @@ def make_eval_env(config: TrainConfig, shift: ShiftSpec, n_envs: int, seed: int)
     """The training env of ``config`` with ``shift`` applied."""
     options = dataclasses.asdict(config.env_options)
     options["env_kwargs"] = {**options["env_kwargs"], **shift.env_kwargs}
-    venv = make_vec_env(config.env, n_envs, seed, **options)
+    venv = make_vec_env(config.env, n_envs, seed, env_packages=config.env_packages, **options)
     return shift.wrap(venv, seed)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import gymnasium as gym
 import torch as th
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
-from stable_baselines3.common.preprocessing import get_flattened_obs_dim
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, NatureCNN
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor, NatureCNN
 from torch import nn
 
 from rim_agents.envs.pickup import COLOURS, TYPES
@@ -142,7 +142,21 @@ EXTRACTORS: dict[str, type[BaseFeaturesExtractor]] = {
     "nature_cnn_tokens": NatureCNNTokens,
     "minigrid": MiniGridExtractor,
     "flatten": FlattenExtractor,
+    "combined": CombinedExtractor,
 }
+#: Config names: the extractors above, and ``auto`` (chosen from the observation space).
+EXTRACTOR_NAMES = (*EXTRACTORS, "auto")
+
+
+def auto_extractor(observation_space: gym.Space) -> str:
+    """The extractor for an env this package knows nothing about, from its observation space: SB3's
+    image test picks ``nature_cnn``, a ``Dict`` ``combined`` (SB3's ``CombinedExtractor``), anything
+    else (vectors, ``Discrete``, ``MultiDiscrete``) ``flatten`` (one-hot for discrete spaces)."""
+    if isinstance(observation_space, gym.spaces.Dict):
+        return "combined"
+    if is_image_space(observation_space, check_channels=False):
+        return "nature_cnn"
+    return "flatten"
 
 
 def extractor_class(name: str) -> type[BaseFeaturesExtractor]:

@@ -24,6 +24,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 from rim_agents.errors import UsageError
 
 FAMILIES = ("atari", "minigrid", "classic")
+FAMILY_NAMES = {"atari": "an Atari", "minigrid": "a MiniGrid", "classic": "a non-Atari, non-MiniGrid"}
 FrameTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
@@ -58,9 +59,16 @@ SHIFT_DEFS: tuple[ShiftDef, ...] = (
     ShiftDef(
         "flicker-p",
         r"flicker-([0-9.]+)",
-        ("atari", "minigrid"),
+        FAMILIES,
         "each observation blanked with probability p (Hausknecht & Stone 2015): Atari blanks each frame "
-        "before stacking, MiniGrid the image (the target stays)",
+        "before stacking, MiniGrid the image (the target stays), any other env the whole observation "
+        "(zeros; index 0 for a discrete one)",
+    ),
+    ShiftDef(
+        "obs-noise-s",
+        r"obs-noise-([0-9.]+)",
+        ("classic",),
+        "Gaussian noise of standard deviation s added to every (Box) observation",
     ),
     ShiftDef(
         "occlusion-f", r"occlusion-([0-9.]+)", ("atari",), "a fixed full-width band covering a fraction f of the screen"
@@ -103,7 +111,7 @@ __doc__ = f"{__doc__}\n{shift_table()}\n\nShifts compose with ``+``, e.g. ``flic
 DEFAULT_SHIFTS: dict[str, tuple[str, ...]] = {
     "minigrid": ("none", "novel-distractors", "more-distractors", "novel-and-more", "view-5", "view-3", "flicker-0.5"),
     "atari": ("none", "flicker-0.5", "occlusion-0.2", "distractors", "sticky-0.25"),
-    "classic": ("none",),
+    "classic": ("none", "flicker-0.5"),
 }
 
 
@@ -115,6 +123,8 @@ class ShiftSpec:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     frame_transforms: list[tuple[str, FrameTransform]] = field(default_factory=list)  # Atari, per frame
     image_blank_p: float = 0.0  # MiniGrid flicker
+    obs_blank_p: float = 0.0  # flicker of any other env
+    obs_noise: float = 0.0  # Gaussian noise on Box observations
 
     def wrap(self, venv: VecEnv, seed: int = 0) -> VecEnv:
         """Apply the observation-level part of the shift to a ``VecEnv``."""
@@ -122,6 +132,8 @@ class ShiftSpec:
             venv = FrameShiftVecEnv(venv, [t for _, t in self.frame_transforms], seed)
         if self.image_blank_p > 0:
             venv = ImageFlickerVecEnv(venv, self.image_blank_p, seed)
+        if self.obs_blank_p > 0 or self.obs_noise > 0:
+            venv = ObservationShiftVecEnv(venv, self.obs_blank_p, self.obs_noise, seed)
         return venv
 
 
@@ -161,8 +173,8 @@ def parse_shift(text: str, family: str, base_env_kwargs: dict[str, Any] | None =
             raise UsageError(f"unknown shift {part!r}: valid shifts for {family} are {', '.join(shift_names(family))}")
         if family not in d.families:
             raise UsageError(
-                f"shift {part!r} does not apply to {family} environments; "
-                f"valid shifts for {family} are {', '.join(shift_names(family))}"
+                f"shift {part!r} needs {' or '.join(FAMILY_NAMES[f] for f in d.families)} environment; "
+                f"valid shifts for this {family} env are {', '.join(shift_names(family))}"
             )
         arg = match.group(1) if match.groups() else None
         _apply(spec, d.name, arg, part, base, family)
@@ -194,8 +206,16 @@ def _apply(spec: ShiftSpec, kind: str, arg: str | None, text: str, base: dict[st
         p = _probability(arg, text)
         if family == "atari":
             spec.frame_transforms.append((text, flicker(p)))
-        else:
+        elif family == "minigrid":
             spec.image_blank_p = p
+        else:
+            spec.obs_blank_p = p
+    elif kind == "obs-noise-s":
+        assert arg is not None
+        try:
+            spec.obs_noise = float(arg)
+        except ValueError:
+            raise UsageError(f"shift {text}: {arg!r} is not a number (e.g. obs-noise-0.1)") from None
     elif kind == "occlusion-f":
         assert arg is not None
         spec.frame_transforms.append((text, occlusion(_probability(arg, text))))
@@ -337,3 +357,35 @@ class ImageFlickerVecEnv(VecEnvWrapper):
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
         return self._blank(obs), rewards, dones, infos  # type: ignore[arg-type]
+
+
+class ObservationShiftVecEnv(VecEnvWrapper):
+    """Any env: blank each observation with probability ``blank_p`` (zeros) and add Gaussian noise of
+    std ``noise`` to Box observations."""
+
+    def __init__(self, venv: VecEnv, blank_p: float, noise: float, seed: int = 0) -> None:
+        super().__init__(venv)
+        space = venv.observation_space
+        if noise > 0 and not isinstance(space, gym.spaces.Box):
+            raise UsageError(f"shift obs-noise needs Box observations; this env observes {space}")
+        if not isinstance(
+            space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+        ):
+            raise UsageError(f"flicker needs an array observation; this env observes {space}")
+        self.blank_p, self.noise = blank_p, noise
+        self.rng = np.random.default_rng(seed)
+
+    def _shift(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.array(obs, copy=True)
+        if self.noise > 0:
+            obs = (obs + self.rng.normal(0.0, self.noise, obs.shape)).astype(obs.dtype)
+        if self.blank_p > 0:
+            obs[self.rng.random(obs.shape[0]) < self.blank_p] = 0
+        return obs
+
+    def reset(self) -> Any:
+        return self._shift(self.venv.reset())  # type: ignore[arg-type]
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        return self._shift(obs), rewards, dones, infos  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ from rim_agents.checkpoints import (
 from rim_agents.config import TrainConfig, config_from_dict
 from rim_agents.envs import make_vec_env
 from rim_agents.errors import UsageError
-from rim_agents.extractors import extractor_class
+from rim_agents.extractors import auto_extractor, extractor_class
 from rim_agents.policy import RIMPolicy
 from rim_agents.ppo import RIMPPO
 
@@ -74,8 +74,14 @@ def schedule(value: float | str) -> float | LinearSchedule:
     return float(value)
 
 
-def policy_kwargs(config: TrainConfig) -> dict[str, Any]:
+def policy_kwargs(config: TrainConfig, observation_space: spaces.Space | None = None) -> dict[str, Any]:
+    """The policy's arguments; ``features_extractor: auto`` is resolved from ``observation_space``."""
     p = config.policy
+    name, normalize = p.features_extractor, p.normalize_images
+    if name == "auto":
+        assert observation_space is not None, "features_extractor=auto needs the observation space"
+        name = auto_extractor(observation_space)
+        normalize = normalize or name == "nature_cnn"  # uint8 images are scaled to [0, 1]
     return {
         "core": config.core,
         "core_kwargs": dataclasses.asdict(config.rims) if config.core == "rims" else {},
@@ -84,23 +90,33 @@ def policy_kwargs(config: TrainConfig) -> dict[str, Any]:
         "enable_critic_lstm": p.enable_critic_lstm,
         "shared_lstm": p.shared_lstm,
         "ortho_init": p.ortho_init,
-        "normalize_images": p.normalize_images,
+        "normalize_images": normalize,
         "net_arch": list(p.net_arch),
-        "features_extractor_class": extractor_class(p.features_extractor),
+        "features_extractor_class": extractor_class(name),
         "features_extractor_kwargs": dict(p.features_extractor_kwargs),
     }
 
 
 def make_env(config: TrainConfig, seed: int | None = None, n_envs: int | None = None) -> VecEnv:
     options = dataclasses.asdict(config.env_options)
-    return make_vec_env(config.env, n_envs or config.n_envs, config.seed if seed is None else seed, **options)
+    return make_vec_env(
+        config.env,
+        n_envs or config.n_envs,
+        config.seed if seed is None else seed,
+        env_packages=config.env_packages,
+        **options,
+    )
 
 
 def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
     """A fresh model for ``config`` on ``env``; bad settings raise :class:`UsageError`."""
     ppo = config.ppo
-    if isinstance(env.observation_space, spaces.Dict) and config.policy.features_extractor != "minigrid":
-        raise UsageError(f"environment {config.env} has dict observations: set policy.features_extractor=minigrid")
+    dict_ready = ("minigrid", "combined", "auto")
+    if isinstance(env.observation_space, spaces.Dict) and config.policy.features_extractor not in dict_ready:
+        raise UsageError(
+            f"environment {config.env} has dict observations: set policy.features_extractor to one of "
+            f"{', '.join(dict_ready)}"
+        )
     try:
         return RIMPPO(
             RIMPolicy,
@@ -118,7 +134,7 @@ def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
             max_grad_norm=ppo.max_grad_norm,
             normalize_advantage=ppo.normalize_advantage,
             target_kl=ppo.target_kl,
-            policy_kwargs=policy_kwargs(config),
+            policy_kwargs=policy_kwargs(config, env.observation_space),
             seed=config.seed,
             device=config.device,
             verbose=0,

@@ -135,7 +135,7 @@ def _bad_cases(pickup_runs: list[Path], tmp_path: Path) -> dict[str, tuple[list[
     run = str(pickup_runs[0])
     return {
         "unknown shift": ([run, "--shifts", "bogus"], "unknown shift 'bogus': valid shifts for minigrid"),
-        "wrong family": ([run, "--shifts", "occlusion-0.2"], "does not apply to minigrid"),
+        "wrong family": ([run, "--shifts", "occlusion-0.2"], "needs an Atari environment"),
         "missing": ([str(tmp_path / "nope")], "does not exist"),
         "empty run dir": ([str(empty)], "is not a run directory"),
         "no model": ([str(no_model)], "holds no model yet"),

@@ -170,8 +170,10 @@ def test_minigrid_flicker_blanks_images_only() -> None:
     ("text", "family", "match"),
     [
         ("bogus", "minigrid", "unknown shift 'bogus': valid shifts for minigrid are none, novel-distractors"),
-        ("occlusion-0.2", "minigrid", "shift 'occlusion-0.2' does not apply to minigrid environments"),
-        ("view-3", "atari", "shift 'view-3' does not apply to atari"),
+        ("occlusion-0.2", "minigrid", "shift 'occlusion-0.2' needs an Atari environment"),
+        ("view-3", "atari", "shift 'view-3' needs a MiniGrid environment"),
+        ("obs-noise-0.1", "minigrid", "shift 'obs-noise-0.1' needs a non-Atari, non-MiniGrid environment"),
+        ("obs-noise-x", "classic", "unknown shift"),
         ("flicker-1.5", "atari", r"flicker-1.5: 1.5 is not in \[0, 1\]"),
         ("view-4", "minigrid", "the view size must be 3, 5 or 7"),
         ("none+bogus", "atari", "unknown shift 'bogus'"),
@@ -218,6 +220,7 @@ def test_shift_catalogue_is_one_registry() -> None:
         "sticky-p": "sticky-0.25",
         "mode-M": "mode-4",
         "difficulty-D": "difficulty-1",
+        "obs-noise-s": "obs-noise-0.1",
     }
     env_ids = {"atari": "BreakoutNoFrameskip-v4", "minigrid": "RIMAgents/PickupCue-6x6-v0", "classic": "CartPole-v1"}
     for d in SHIFT_DEFS:

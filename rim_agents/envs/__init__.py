@@ -19,7 +19,7 @@ import gymnasium as gym
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from rim_agents.config import env_family
+from rim_agents.config import env_family, import_env_packages
 from rim_agents.envs.atari import make_atari_vec_env
 from rim_agents.envs.registration import register_envs
 from rim_agents.errors import UsageError
@@ -27,12 +27,21 @@ from rim_agents.errors import UsageError
 __all__ = ["check_env_id", "env_family", "make_vec_env"]
 
 
-def check_env_id(env_id: str) -> None:
-    """Raise :class:`UsageError` naming close matches when ``env_id`` is not registered."""
+def _entry_module(spec: Any) -> str:
+    entry = spec.entry_point
+    return entry.split(":")[0] if isinstance(entry, str) else getattr(entry, "__module__", "")
+
+
+def check_env_id(env_id: str, packages: list[str] | None = None) -> None:
+    """Raise :class:`UsageError` naming close matches when ``env_id`` is not registered (after
+    the ``packages`` that register ids were imported)."""
     register_envs()
     if env_id in gym.registry:
         return
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+    if packages:  # ids from the packages named for this env first
+        own = [i for i, spec in gym.registry.items() if _entry_module(spec).startswith(tuple(packages))]
+        close = difflib.get_close_matches(env_id, own, n=3, cutoff=0.4) or close
     hint = f"; did you mean {', '.join(close)}?" if close else "; see gymnasium.registry for the registered ids"
     raise UsageError(f"unknown environment id {env_id!r}{hint}")
 
@@ -46,6 +55,7 @@ def make_vec_env(
     clip_reward: bool = True,
     env_kwargs: dict[str, Any] | None = None,
     backend: str = "auto",
+    env_packages: list[str] | None = None,
 ) -> VecEnv:
     """A monitored SB3 ``VecEnv`` of ``n_envs`` copies of ``env_id``.
 
@@ -59,8 +69,10 @@ def make_vec_env(
         MiniGrid ``num_distractors``).
     :param backend: Atari: ``"auto"``, ``"vector"`` (ale-py's C++ vector env) or ``"gym"``
         (gymnasium + SB3's ``AtariWrapper``), see :mod:`rim_agents.envs.atari`.
+    :param env_packages: modules to import first, which register ``env_id`` (another package's env).
     """
-    check_env_id(env_id)
+    import_env_packages(list(env_packages or []))
+    check_env_id(env_id, env_packages)
     env_kwargs = dict(env_kwargs or {})
     family = env_family(env_id)
     try:
