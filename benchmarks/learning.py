@@ -22,8 +22,8 @@ pickup-2        RIMAgents/Pickup-6x6-v0, 2 distractors     500k    success >= 0.
 pickup-cue      RIMAgents/PickupCue-6x6-v0                 500k    none <= chance + 0.1 on every seed;
                                                                    lstm, rims >= 0.9 on 8/10
 cartpole-novel  RIMAgents/CartPoleNoVel-v1                 100k    return > 450 on 9/10 (lstm, rims)
-repeat-K        RIMAgents/Repeat-v0, delay K = 1, 4, 8     150k    return >= 0.95 on 8/10 (lstm, gru,
-                                                                   rims); none <= chance + 0.1
+repeat-K        RIMAgents/Repeat-v0, delay K = 1, 4, 8 or  150k    return >= 0.95 on 8/10 (lstm, gru,
+                32, episodes of max(24, 2K) steps                  rims); none <= chance + 0.1
 breakout        BreakoutNoFrameskip-v4                     1M      last 100 games >= 0.8x none's
 ==============  =========================================  ======  ==================================
 
@@ -95,11 +95,11 @@ TASKS: dict[str, Task] = {
             "return",
             0.95,
             {"lstm": 0.8, "gru": 0.8, "rims": 0.8},
-            (f"env_options.env_kwargs.delay={delay}",),
+            (f"env_options.env_kwargs.delay={delay}", f"env_options.env_kwargs.length={max(24, 2 * delay)}"),
             chance=0.25,
             curve="rollout/ep_rew_mean",
         )
-        for delay in (1, 4, 8)
+        for delay in (1, 4, 8, 32)
     },
     "breakout": Task(
         "BreakoutNoFrameskip-v4", 1_000_000, "return", 0.0, {}, curve="rollout/ep_rew_mean", train_metric=True
