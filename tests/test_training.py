@@ -456,3 +456,18 @@ def test_divergence_is_one_line_and_saves_no_nan_checkpoint(tmp_path: Path) -> N
         train(tiny_config(total=128), tmp_path / "run", extra_callbacks=[_Diverge()])
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*.zip"))
     assert [p.name for p in checkpoints] == ["step_000000000032.zip"]
+
+
+def test_shifts_are_evaluated_during_training(tmp_path: Path) -> None:
+    config = load_config(
+        "RIMAgents/Pickup-6x6-v0",
+        "lstm",
+        overrides=[*TINY, "eval_episodes=3"],
+        flags={"total_timesteps": 96, "eval_shifts": ["none", "view-3"], "eval_freq": 64},
+    )
+    run = train(config, tmp_path / "run")
+    rows = [r for r in read_progress(run) if r.get("eval/view-3/success_rate")]
+    assert [int(r["time/total_timesteps"]) for r in rows] == [64]
+    for shift in ("none", "view-3"):
+        assert 0.0 <= float(rows[0][f"eval/{shift}/success_rate"]) <= 1.0
+        assert float(rows[0][f"eval/{shift}/mean_length"]) > 0
