@@ -14,6 +14,7 @@ from rim_agents.checkpoints import checkpoint_path, save_model
 from rim_agents.config import TrainConfig
 from rim_agents.policy import RIMPolicy
 from rim_agents.rim import RIMCore
+from rim_agents.visualize import action_names, gif_bytes, record_episode, write_tensorboard_gif
 
 _NOT_TEXT = ("stdout", "log", "json", "csv")
 
@@ -80,6 +81,40 @@ class ShiftEvalCallback(BaseCallback):
             self.logger.record(f"eval/{shift}/mean_length", float(np.mean(eps.lengths)))
             if eps.successes:
                 self.logger.record(f"eval/{shift}/success_rate", float(np.mean(eps.successes)))
+        return True
+
+
+class VideoCallback(BaseCallback):
+    """Every ``video_freq`` env steps, one episode of the current model (in distribution) as an
+    animated image in TensorBoard (``video/episode``), with the RIM strip for a RIM core."""
+
+    def __init__(self, config: TrainConfig, video_freq: int, run_dir: Path, max_steps: int = 1000) -> None:
+        super().__init__()
+        self.config, self.video_freq, self.run_dir, self.max_steps = config, video_freq, run_dir, max_steps
+        self.next = video_freq
+
+    def _on_training_start(self) -> None:
+        self.next = (self.num_timesteps // self.video_freq + 1) * self.video_freq
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self.next:
+            return True
+        # Imported here: evaluation reaches training's env builder, and training imports this module.
+        from rim_agents.evaluation import make_eval_env, shift_spec
+
+        self.next = (self.num_timesteps // self.video_freq + 1) * self.video_freq
+        env = make_eval_env(self.config, shift_spec(self.config, "none"), 1, self.config.seed + 10_000)
+        training = self.model.policy.training
+        try:
+            episode = record_episode(self.model, self.config, env, seed=self.num_timesteps, max_steps=self.max_steps)
+        finally:
+            env.close()
+            self.model.policy.set_training_mode(training)
+        frame = episode.frames[0]
+        gif = gif_bytes(episode, action_names(self.config))
+        write_tensorboard_gif(
+            self.run_dir / "tb", "video/episode", gif, frame.shape[0], frame.shape[1], self.num_timesteps
+        )
         return True
 
 

@@ -221,3 +221,139 @@ def _prepare_out(out: Path, force: bool) -> bool:
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
     return created
+
+
+def visualize_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="visualize.py",
+        description="Watch an agent and its RIMs: an MP4 and an activity PNG per episode, under any shift.",
+    )
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--shift", default="none", help="a shift from evaluate.py's catalogue (default none)")
+    p.add_argument("--episodes", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=5000, help="cut an episode after this many steps")
+    p.add_argument("--out", help="output folder (default <run dir>/videos)")
+    p.add_argument("--force", action="store_true", help="overwrite files already in --out")
+    p.add_argument(
+        "--summary", action="store_true", help="per-RIM active fractions by event, under the shift and under none"
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also put the first episode in the run's TensorBoard")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def visualize_main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, record and render episodes. Returns the exit code (2 on bad input)."""
+    import json
+    import time
+
+    from rim_agents.checkpoints import atomic_write_bytes, atomic_write_text
+    from rim_agents.evaluation import check_spaces, make_eval_env, resolve_checkpoint, shift_spec
+    from rim_agents.visualize import (
+        action_names,
+        activity_png,
+        event_summary,
+        gif_bytes,
+        record_episode,
+        write_tensorboard_gif,
+        write_video,
+    )
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = visualize_parser().parse_args(argv)
+        if args.episodes < 1 or args.max_steps < 1:
+            raise UsageError("--episodes and --max-steps must be positive")
+        ckpt = resolve_checkpoint(args.target, device=args.device)
+        shifts = [args.shift] if not args.summary or args.shift == "none" else ["none", args.shift]
+        specs = {name: shift_spec(ckpt.config, name) for name in dict.fromkeys([args.shift, *shifts])}
+        for name, spec in specs.items():
+            env = make_eval_env(ckpt.config, spec, 1, args.seed)
+            try:
+                check_spaces(ckpt, env, name)
+            finally:
+                env.close()
+        out = Path(args.out) if args.out else ckpt.run_dir / "videos"
+        _prepare_out(out, args.force)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = action_names(ckpt.config)
+    written = []
+    summaries = {}
+    step = int(ckpt.model.num_timesteps)
+    for name, spec in specs.items():
+        episodes = []
+        for i in range(args.episodes):
+            env = make_eval_env(ckpt.config, spec, 1, args.seed + i)
+            started = time.time()
+            try:
+                episode = record_episode(ckpt.model, ckpt.config, env, seed=args.seed + i, max_steps=args.max_steps)
+            finally:
+                env.close()
+            episodes.append(episode)
+            if name != args.shift:
+                continue  # recorded for the summary only
+            stem = f"{name}_ep{i}_step{step}"
+            written.append(write_video(episode, out / f"{stem}.mp4", names))
+            if episode.masks:
+                path = out / f"{stem}.png"
+                atomic_write_bytes(path, activity_png(episode, f"{ckpt.config.core}, {name}, episode {i}"))
+                written.append(path)
+            print(f"{stem}: {episode.length} steps, return {episode.returns[-1]:.2f}, {time.time() - started:.1f} s")
+            if args.tensorboard and i == 0:
+                gif = gif_bytes(episode, names)
+                frame = episode.frames[0]
+                try:
+                    write_tensorboard_gif(
+                        ckpt.run_dir / "tb", f"visualize/{name}", gif, frame.shape[0], frame.shape[1], step
+                    )
+                except OSError as e:
+                    print(f"warning: not written to TensorBoard in {ckpt.run_dir}: {e.strerror or e}", file=sys.stderr)
+        if args.summary and episodes[0].masks:
+            summaries[name] = event_summary(episodes)
+    if summaries:
+        lines = []
+        for name, table in summaries.items():
+            K = len(table["all"])
+            lines += [f"### {name}", "", "| steps | " + " | ".join(f"RIM {i}" for i in range(K)) + " |"]
+            lines.append("|---" * (K + 1) + "|")
+            lines += [
+                f"| {event} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for event, values in table.items()
+            ]
+            lines.append("")
+        atomic_write_text(out / "summary.md", "\n".join(lines))
+        atomic_write_text(out / "summary.json", json.dumps(summaries, indent=1) + "\n")
+        atomic_write_bytes(out / "summary.png", _summary_png(summaries))
+        written += [out / "summary.md", out / "summary.png"]
+        print("\n".join(lines))
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _summary_png(summaries: dict) -> bytes:
+    """Bars: each RIM's active fraction on all steps and per event, one panel per shift."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 3.2), squeeze=False)
+    for ax, (name, table) in zip(axes[0], summaries.items(), strict=True):
+        K = len(table["all"])
+        width = 0.8 / len(table)
+        for j, (event, values) in enumerate(table.items()):
+            ax.bar([i + j * width for i in range(K)], values, width, label=event)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(K)], [f"RIM {i}" for i in range(K)])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("active fraction")
+        ax.set_title(name)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

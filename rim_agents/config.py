@@ -125,6 +125,7 @@ class TrainConfig:
     eval_shifts: list[str] = field(default_factory=list)  # shifts evaluated during training
     eval_freq: int = 0  # env steps between evaluations during training (0: none)
     eval_episodes: int = 10  # episodes per shift and evaluation during training
+    video_freq: int = 0  # env steps between episode videos in TensorBoard (0: none)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rims: RIMConfig = field(default_factory=RIMConfig)
@@ -380,6 +381,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"ppo.seq_len={ppo.seq_len} must be a positive divisor of ppo.n_steps={ppo.n_steps}")
         if ppo.batch_size % ppo.seq_len:
             raise ConfigError(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.seq_len={ppo.seq_len}")
+    if config.video_freq < 0:
+        raise ConfigError(f"config key video_freq must be >= 0 (0: no videos), got {config.video_freq}")
     if config.eval_freq < 0 or config.eval_episodes < 1:
         raise ConfigError("eval_freq must be >= 0 and eval_episodes >= 1")
     if config.eval_shifts:

@@ -252,6 +252,9 @@ class RIMCell(nn.Module):
         self.selection_temperature = float(selection_temperature)
         self.selection_noise = float(selection_noise)
         self.balance_coef = float(balance_coef)
+        # Set by RIMCore while it tracks activity: the last communication attention (B, K, K).
+        self.record_communication = False
+        self.last_communication: th.Tensor | None = None
 
         K, d_h = num_units, unit_size
         n_gates = 4 if cell == "lstm" else 3
@@ -454,7 +457,11 @@ class RIMCell(nn.Module):
         q, k, v = th.bmm(h_tent, self.comm_qkv).split([Hc * d_k, Hc * d_k, Hc * d_v], dim=-1)
         q, k, v = q.view(K, 1, B, Hc, d_k), k.view(1, K, B, Hc, d_k), v.view(1, K, B, Hc, d_v)
         scores = (q * k).sum(dim=-1) * (d_k**-0.5)  # (K_query, K_key, B, Hc)
-        probs = F.dropout(th.softmax(scores, dim=1), self.comm_dropout, self.training)
+        probs = th.softmax(scores, dim=1)
+        if self.record_communication:
+            # (K_query, K_key, B, Hc) -> (B, K_query, K_key), averaged over heads
+            self.last_communication = probs.mean(dim=-1).permute(2, 0, 1).detach()
+        probs = F.dropout(probs, self.comm_dropout, self.training)
         att = (probs.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * d_v)
         out = th.baddbmm(self.comm_out_bias, att, self.comm_out)
         update = th.tanh(out)
@@ -539,8 +546,10 @@ class RIMCore(nn.Module):
     the step where its episode starts. The GRU variant returns a zero ``c``.
 
     Set ``core.track_activity = True`` to keep, after each call, ``core.last_activity["mask"]``
-    (``(T, B, K)`` bool) and ``core.last_activity["input_attention"]`` (``(T, B, K, N + 1)``,
-    head-averaged, null token first). Nothing is kept, or computed for it, otherwise.
+    (``(T, B, K)`` bool), ``core.last_activity["input_attention"]`` (``(T, B, K, N + 1)``,
+    head-averaged, null token first) and, with communication, ``["communication"]``
+    (``(T, B, K, K)``: row ``i`` is what RIM ``i`` read from each RIM, head-averaged; rows of
+    dormant RIMs are computed but unused). Nothing is kept, or computed for it, otherwise.
 
     Keyword arguments are those of :class:`RIMCell`.
     """
@@ -627,6 +636,8 @@ class RIMCore(nn.Module):
         outs: list[th.Tensor] = []
         masks: list[th.Tensor] = []
         attentions: list[th.Tensor] = []
+        communications: list[th.Tensor] = []
+        cell.record_communication = track and cell.communication
         selected: list[th.Tensor] = []  # (K, B) masks, for the balance loss
         shares: list[th.Tensor] = []  # (K, B) input-attention shares, for the balance loss
         for t, step_input in enumerate(inputs.unbind()):
@@ -646,6 +657,9 @@ class RIMCore(nn.Module):
                 if null_att is not None:
                     token_att = (1.0 - null_att).unsqueeze(-1) if token_att is None else token_att
                     attentions.append(th.cat([null_att.unsqueeze(-1), token_att], dim=-1).detach())
+                if cell.last_communication is not None:
+                    communications.append(cell.last_communication)
+                    cell.last_communication = None
         # (T, K, B, d_h) -> (T, B, K*d_h)
         out = th.stack(outs).transpose(1, 2).reshape(T, B, cell.hidden_size)
         if selected:
@@ -660,5 +674,8 @@ class RIMCore(nn.Module):
             activity = {"mask": th.stack(masks).transpose(1, 2)}
             if attentions:
                 activity["input_attention"] = th.stack(attentions).transpose(1, 2)
+            if len(communications) == T:
+                activity["communication"] = th.stack(communications)
+            cell.record_communication = False
             tracker.last_activity = activity
         return out, (cell.to_flat(h), cell.to_flat(c))

@@ -47,7 +47,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
-from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback, ShiftEvalCallback
+from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback, ShiftEvalCallback, VideoCallback
 from rim_agents.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_MODEL,
@@ -440,6 +440,8 @@ def _train_locked(
         callbacks.append(CheckpointCallback(run_dir, config.checkpoint_freq))
     if config.core == "rims":
         callbacks.append(RIMActivityCallback(config.rim_log_freq, config.rim_image_freq))
+    if config.video_freq > 0:
+        callbacks.append(VideoCallback(config, config.video_freq, run_dir))
     if config.eval_freq > 0 and config.eval_shifts:
         callbacks.append(ShiftEvalCallback(config, config.eval_shifts, config.eval_freq, config.eval_episodes))
     callbacks += extra_callbacks or []

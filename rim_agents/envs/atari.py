@@ -54,13 +54,16 @@ def _ale(game: str) -> Any:
     return ale
 
 
+def action_set(game: str, full_action_space: bool = False) -> list[str]:
+    """The names of the game's actions, in the order of the env's action indices."""
+    ale = _ale(game)
+    return [a.name for a in (ale.getLegalActionSet() if full_action_space else ale.getMinimalActionSet())]
+
+
 def fire_action(game: str, full_action_space: bool = False) -> int | None:
     """Index of FIRE in the game's action set, or None for games without it."""
-    from ale_py import Action
-
-    ale = _ale(game)
-    actions = list(ale.getLegalActionSet() if full_action_space else ale.getMinimalActionSet())
-    return actions.index(Action.FIRE) if Action.FIRE in actions else None
+    actions = action_set(game, full_action_space)
+    return actions.index("FIRE") if "FIRE" in actions else None
 
 
 @cache
