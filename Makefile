@@ -43,6 +43,7 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) train.py --env BreakoutNoFrameskip-v4 --core rims --total-timesteps 16384 --run-dir runs/demo
 	$(PY) evaluate.py runs/demo --shifts all --episodes 4 --out runs/demo/eval
+	$(PY) visualize.py runs/demo --episodes 1 --max-steps 1000 --out runs/demo/videos
 
 bench: $(STAMP)
 	$(PY) benchmarks/core_speed.py
