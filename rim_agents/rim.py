@@ -1,6 +1,6 @@
 """Recurrent Independent Mechanisms (Goyal et al., ICLR 2021): a step module and a sequence module.
 
-The computation follows ``shared/docs/RIM_SPEC.md`` step by step:
+The computation follows ``docs/RIM_SPEC.md`` (in the repository) step by step:
 
 1. **Input attention with a null token.** A zero token is prepended to the input tokens. Keys and
    values are bias-free linear maps, so the null token's key and value are exactly zero. Every RIM

@@ -1,4 +1,4 @@
-"""The RIM core against RIM_SPEC.md: a naive reference, invariants, ablations and errors."""
+"""The RIM core against docs/RIM_SPEC.md: a naive reference, invariants, ablations and errors."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def random_state(core: RIMCore, batch: int, seed: int = 1) -> tuple[th.Tensor, t
 
 
 # ---------------------------------------------------------------------------------------------
-# A deliberately naive transcription of RIM_SPEC.md, one batch element and one RIM at a time.
+# A deliberately naive transcription of docs/RIM_SPEC.md, one batch element and one RIM at a time.
 # ---------------------------------------------------------------------------------------------
 def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
     """One step for one element. ``x``: ``(N, d_in)``; ``h``, ``c``: ``(K, d_h)``.
