@@ -621,3 +621,19 @@ def test_balance_loss_value_and_gradient() -> None:
 def test_bad_selection_settings_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_core(**kwargs)
+
+
+def test_communication_attention_is_tracked_only_when_asked() -> None:
+    core = make_core().eval()
+    x = th.randn(4, 3, D_IN)
+    core(x)
+    assert core.last_activity == {}
+    core.track_activity = True
+    core(x)
+    comm = core.last_activity["communication"]
+    assert comm.shape == (4, 3, 5, 5)
+    th.testing.assert_close(comm.sum(-1), th.ones(4, 3, 5))
+    quiet = make_core(communication=False).eval()
+    quiet.track_activity = True
+    quiet(x)
+    assert "communication" not in quiet.last_activity and "mask" in quiet.last_activity
