@@ -202,11 +202,14 @@ def rim_strip(mask: np.ndarray, attention: np.ndarray | None, width: int) -> np.
     return strip
 
 
-def token_heatmaps(frame: np.ndarray, mask: np.ndarray, attention: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Each active RIM's attention over the token positions as a heat map over the frame."""
-    tiles = []
-    size = PANEL // 2
+def token_heatmaps(
+    frame: np.ndarray, mask: np.ndarray, attention: np.ndarray, grid: tuple[int, int], width: int
+) -> np.ndarray:
+    """Each active RIM's attention over the token positions as a heat map over the frame, three to
+    a row, ``width`` pixels wide."""
+    size = width // 3
     small = cv2.resize(frame, (size, size))
+    tiles = []
     for i in np.flatnonzero(mask):
         heat = token_heat(attention[i], grid)
         heat_img = cv2.applyColorMap(
@@ -215,7 +218,11 @@ def token_heatmaps(frame: np.ndarray, mask: np.ndarray, attention: np.ndarray, g
         tile = cv2.addWeighted(small, 0.55, heat_img[..., ::-1], 0.45, 0)
         cv2.putText(tile, f"RIM {i}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
         tiles.append(tile)
-    return np.concatenate(tiles, axis=1) if tiles else np.zeros((size, size, 3), dtype=np.uint8)
+    while len(tiles) % 3:
+        tiles.append(np.zeros((size, size, 3), dtype=np.uint8))
+    rows = [np.concatenate(tiles[r : r + 3], axis=1) for r in range(0, len(tiles), 3)]
+    heat_rows = np.concatenate(rows, axis=0) if rows else np.zeros((0, 3 * size, 3), dtype=np.uint8)
+    return np.pad(heat_rows, ((0, 0), (0, width - heat_rows.shape[1]), (0, 0)))
 
 
 def token_heat(attention_row: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -246,8 +253,7 @@ def compose_frame(episode: Episode, t: int, action_names: list[str] | None = Non
         attention = episode.attention[t] if episode.attention else None
         canvas.append(rim_strip(episode.masks[t], attention, width))
         if episode.token_grid is not None and attention is not None:
-            heat = token_heatmaps(frame, episode.masks[t], attention, episode.token_grid)
-            canvas.append(np.pad(heat, ((0, 0), (0, max(0, width - heat.shape[1])), (0, 0)))[:, :width])
+            canvas.append(token_heatmaps(frame, episode.masks[t], attention, episode.token_grid, width))
     return np.concatenate(canvas, axis=0)
 
 
