@@ -10,7 +10,8 @@ change it), with configs/minigrid.yaml's PPO settings and the same budget for ev
   (``rims-no-query-bias``, the core before ``input_query_bias``).
 
 Runs go two at a time, one torch thread each. A run whose ``final_model.zip`` exists is not run
-again, so an interrupted study continues where it stopped. Then ``evaluate.py`` runs every
+again and an interrupted one resumes from its newest checkpoint, so a study started again
+continues where it stopped; no run folder is ever deleted. Then ``evaluate.py`` runs every
 checkpoint under every MiniGrid shift and writes the aggregate table (IQM and 95% stratified
 bootstrap intervals over seeds) and chart to ``benchmarks/results/pickup_study/``, with
 ``table.md`` (IQM success and intervals, per-run success) and ``rim_activity.csv`` (what each RIM
@@ -28,7 +29,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -107,8 +107,11 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.parallel:
             run, cmd = pending.pop(0)
-            if run.exists():  # an interrupted run: start it again from scratch
-                shutil.rmtree(run)
+            if run.is_dir() and any((run / "checkpoints").glob("step_*.zip")):
+                # An interrupted run: continue it from its newest checkpoint.
+                cmd = [*cmd[:2], "--no-progress", "--resume", str(run), "--total-timesteps", str(args.steps)]
+            elif run.exists():  # died before its first checkpoint: kept aside, never deleted
+                run.rename(run.with_name(f"{run.name}.failed-{int(time.time())}"))
             run.parent.mkdir(parents=True, exist_ok=True)
             log = open(run.parent / f"{run.name}.log", "wb")  # noqa: SIM115 (closed with the process)
             running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
