@@ -140,6 +140,7 @@ def main() -> None:
         args.out,
         "--no-progress",
         "--no-tensorboard",
+        "--force",  # the study rewrites its own results folder
     ]
     print("evaluating: " + " ".join(cmd[1:3]) + " ...", flush=True)
     subprocess.run(cmd, check=True)
