@@ -1,4 +1,5 @@
-"""Command-line front ends: ``train.py`` and ``evaluate.py`` call :func:`train_main`."""
+"""Command-line front ends: ``train.py``, ``evaluate.py`` and ``visualize.py`` call :func:`train_main`,
+:func:`evaluate_main` and :func:`visualize_main`."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import MODULE first (it registers env ids); repeatable; recorded in the run's config",
     )
-    p.add_argument("--core", choices=None, help="rims (default), lstm, gru or none (feed-forward control)")
+    p.add_argument("--core", help="rims (default), lstm, gru or none (feed-forward control)")
     p.add_argument("--config", help="a YAML config file (same keys as configs/*.yaml)")
     p.add_argument("--total-timesteps", type=int, help="env steps to train for (all envs together)")
     p.add_argument("--seed", type=int)

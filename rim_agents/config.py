@@ -436,7 +436,3 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     _merge(config, data)
     validate(config)
     return config
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -32,6 +32,11 @@ class NatureCNNTokens(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: gym.spaces.Box, normalized_image: bool = False) -> None:
+        if not is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
+            raise ValueError(
+                f"nature_cnn_tokens needs channel-first image observations, got {observation_space}: "
+                "use it on Atari-like envs (normalized_image=True for float images in [0, 1])"
+            )
         n_channels = observation_space.shape[0]
         cnn = nn.Sequential(
             nn.Conv2d(n_channels, 32, kernel_size=8, stride=4),
