@@ -24,7 +24,9 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from rim_agents.config import load_config
 from rim_agents.envs import make_vec_env
-from rim_agents.evaluation import make_eval_env, run_episodes, shift_spec
+from rim_agents.evaluation import run_episodes
+from rim_agents.models import make_env
+from rim_agents.shifts import shift_spec
 from rim_agents.training import train
 
 ENV = "RIMAgents/Pickup-6x6-v0"
@@ -45,7 +47,7 @@ def main() -> None:
         rates: dict[str, list[float]] = {"ours (vectorised)": [], "evaluate_policy (1 env)": []}
         for r in range(args.rounds):
             start = time.perf_counter()
-            env = make_eval_env(config, spec, args.n_envs, seed=r)
+            env = make_env(config, args.n_envs, r, spec)
             run_episodes(model, env, args.episodes)
             rates["ours (vectorised)"].append(args.episodes / (time.perf_counter() - start))
             env.close()

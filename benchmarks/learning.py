@@ -193,8 +193,10 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
     """Evaluate one run's final model and write its result (runs in its own one-thread process)."""
     import torch as th
 
-    from rim_agents.evaluation import make_eval_env, resolve_checkpoint, run_episodes, shift_spec
-    from rim_agents.training import load_run_config
+    from rim_agents.evaluation import resolve_checkpoint, run_episodes
+    from rim_agents.models import make_env
+    from rim_agents.runs import load_run_config
+    from rim_agents.shifts import shift_spec
 
     th.set_num_threads(1)
     task = TASKS[task_name]
@@ -206,7 +208,7 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
     if not task.train_metric:
         ckpt = resolve_checkpoint(run / "final_model.zip", device="cpu")
         th.manual_seed(eval_seed)
-        env = make_eval_env(config, shift_spec(config, "none"), n_envs=8, seed=eval_seed)
+        env = make_env(config, 8, eval_seed, shift_spec(config, "none"))
         eps = run_episodes(ckpt.model, env, episodes)
         env.close()
         result["episodes"] = len(eps.returns)
@@ -225,7 +227,7 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
 def random_baseline(task_name: str, episodes: int = 100, seed: int = 2_000_000) -> float:
     """Mean return of uniformly random actions over ``episodes`` episodes (Atari: whole games)."""
     from rim_agents.config import load_config
-    from rim_agents.training import make_env
+    from rim_agents.models import make_env
 
     task = TASKS[task_name]
     config = load_config(task.env, "none", overrides=list(task.overrides))

@@ -26,7 +26,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 
 from rim_agents.config import load_config
-from rim_agents.training import build_model, make_env
+from rim_agents.models import build_model, make_env
 
 ENV = "BreakoutNoFrameskip-v4"
 COMMON: dict[str, Any] = {

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rim_agents.config import load_config
-from rim_agents.evaluation import make_eval_env, shift_spec
-from rim_agents.training import build_model
+from rim_agents.models import build_model, make_env
+from rim_agents.shifts import shift_spec
 from rim_agents.visualize import action_names, record_episode, write_video
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args()
     config = load_config(args.env, "rims", overrides=["policy.features_extractor=nature_cnn_tokens"])
-    env = make_eval_env(config, shift_spec(config, "none"), 1, 0)
+    env = make_env(config, 1, 0, shift_spec(config, "none"))
     model = build_model(config, env)
     started = time.time()
     episode = record_episode(model, config, env, seed=0, max_steps=args.steps)

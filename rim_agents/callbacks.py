@@ -10,10 +10,13 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 
-from rim_agents.checkpoints import checkpoint_path, save_model
 from rim_agents.config import TrainConfig
+from rim_agents.evaluation import run_episodes
+from rim_agents.models import make_env
 from rim_agents.policy import RIMPolicy
 from rim_agents.rim import RIMCore
+from rim_agents.runs import checkpoint_path, save_model
+from rim_agents.shifts import shift_spec
 from rim_agents.visualize import action_names, gif_bytes, record_episode, write_tensorboard_gif
 
 _NOT_TEXT = ("stdout", "log", "json", "csv")
@@ -66,13 +69,12 @@ class ShiftEvalCallback(BaseCallback):
     def _on_step(self) -> bool:
         if self.num_timesteps < self.next_eval:
             return True
-        from rim_agents.evaluation import make_eval_env, run_episodes, shift_spec
 
         self.next_eval = (self.num_timesteps // self.eval_freq + 1) * self.eval_freq
         self.evaluations += 1
         for shift in self.shifts:
             seed = self.config.seed + 1000 * self.evaluations
-            env = make_eval_env(self.config, shift_spec(self.config, shift), min(self.n_envs, self.n_episodes), seed)
+            env = make_env(self.config, min(self.n_envs, self.n_episodes), seed, shift_spec(self.config, shift))
             try:
                 eps = run_episodes(self.model, env, self.n_episodes, deterministic=False)
             finally:
@@ -99,11 +101,9 @@ class VideoCallback(BaseCallback):
     def _on_step(self) -> bool:
         if self.num_timesteps < self.next:
             return True
-        # Imported here: evaluation reaches training's env builder, and training imports this module.
-        from rim_agents.evaluation import make_eval_env, shift_spec
 
         self.next = (self.num_timesteps // self.video_freq + 1) * self.video_freq
-        env = make_eval_env(self.config, shift_spec(self.config, "none"), 1, self.config.seed + 10_000)
+        env = make_env(self.config, 1, self.config.seed + 10_000, shift_spec(self.config, "none"))
         training = self.model.policy.training
         try:
             episode = record_episode(self.model, self.config, env, seed=self.num_timesteps, max_steps=self.max_steps)

@@ -4,14 +4,41 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import io
+import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from rim_agents.config import load_config
 from rim_agents.errors import UsageError
+from rim_agents.evaluation import (
+    check_spaces,
+    evaluate,
+    format_table,
+    resolve_checkpoint,
+    write_outputs,
+    write_tensorboard,
+)
+from rim_agents.models import make_env
+from rim_agents.runs import atomic_write_bytes, atomic_write_text, latest_checkpoint, load_run_config
+from rim_agents.shifts import __doc__ as shifts_doc
+from rim_agents.shifts import shift_spec
+from rim_agents.training import Interrupted, train
+from rim_agents.visualize import (
+    action_names,
+    activity_png,
+    event_summary,
+    gif_bytes,
+    record_episode,
+    write_tensorboard_gif,
+    write_video,
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,8 +98,6 @@ def _summary(run_dir: Path, num_timesteps: int) -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train, print a summary. Returns the exit code (2 on bad input)."""
-    from rim_agents.config import load_config
-    from rim_agents.training import Interrupted, load_run_config, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -120,7 +145,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is in the run directory; continue with --resume", file=sys.stderr)
         return 130
-    from rim_agents.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(out)
     steps = int(ckpt.stem.split("_")[1]) if ckpt else 0
@@ -129,7 +153,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    from rim_agents.shifts import __doc__ as shifts_doc
 
     p = OneLineParser(
         prog="evaluate.py",
@@ -154,9 +177,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, evaluate, write the results as they come. Returns the exit code (2 on bad
     input, 130 when interrupted: the finished evaluations are kept)."""
-    import datetime as dt
-
-    from rim_agents.evaluation import evaluate, format_table, write_outputs, write_tensorboard
 
     argv = list(sys.argv[1:] if argv is None else argv)
     out: Path | None = None
@@ -246,20 +266,6 @@ def visualize_parser() -> argparse.ArgumentParser:
 
 def visualize_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, record and render episodes. Returns the exit code (2 on bad input)."""
-    import json
-    import time
-
-    from rim_agents.checkpoints import atomic_write_bytes, atomic_write_text
-    from rim_agents.evaluation import check_spaces, make_eval_env, resolve_checkpoint, shift_spec
-    from rim_agents.visualize import (
-        action_names,
-        activity_png,
-        event_summary,
-        gif_bytes,
-        record_episode,
-        write_tensorboard_gif,
-        write_video,
-    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -270,7 +276,7 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
         shifts = [args.shift] if not args.summary or args.shift == "none" else ["none", args.shift]
         specs = {name: shift_spec(ckpt.config, name) for name in dict.fromkeys([args.shift, *shifts])}
         for name, spec in specs.items():
-            env = make_eval_env(ckpt.config, spec, 1, args.seed)
+            env = make_env(ckpt.config, 1, args.seed, spec)
             try:
                 check_spaces(ckpt, env, name)
             finally:
@@ -287,7 +293,7 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
     for name, spec in specs.items():
         episodes = []
         for i in range(args.episodes):
-            env = make_eval_env(ckpt.config, spec, 1, args.seed + i)
+            env = make_env(ckpt.config, 1, args.seed + i, spec)
             started = time.time()
             try:
                 episode = record_episode(ckpt.model, ckpt.config, env, seed=args.seed + i, max_steps=args.max_steps)
@@ -335,7 +341,6 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
 
 def _summary_png(summaries: dict) -> bytes:
     """Bars: each RIM's active fraction on all steps and per event, one panel per shift."""
-    import io
 
     import matplotlib
 

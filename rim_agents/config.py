@@ -343,9 +343,8 @@ def import_env_packages(packages: list[str]) -> None:
 
 
 def validate(config: TrainConfig) -> None:
-    """Checks that need more than one key, or a range."""
-    from rim_agents.extractors import EXTRACTOR_NAMES
-
+    """Checks that need more than one key, or a range. The checks that need the rest of the package
+    (extractor names, shift names, RIM settings) are :func:`rim_agents.models.check_config`'s."""
     import_env_packages(config.env_packages)
 
     if config.core not in CORES:
@@ -385,25 +384,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key video_freq must be >= 0 (0: no videos), got {config.video_freq}")
     if config.eval_freq < 0 or config.eval_episodes < 1:
         raise ConfigError("eval_freq must be >= 0 and eval_episodes >= 1")
-    if config.eval_shifts:
-        from rim_agents.envs.registration import register_envs
-        from rim_agents.shifts import parse_shift
-
-        register_envs()
-        for shift in config.eval_shifts:
-            parse_shift(shift, env_family(config.env), config.env_options.env_kwargs, config.env)
-    if config.policy.features_extractor not in EXTRACTOR_NAMES:
-        raise ConfigError(
-            f"unknown policy.features_extractor {config.policy.features_extractor!r}: "
-            f"choose one of {', '.join(EXTRACTOR_NAMES)}"
-        )
-    if config.core == "rims":
-        from rim_agents.rim import RIMCell
-
-        try:
-            RIMCell(8, **dataclasses.asdict(config.rims))
-        except ValueError as e:
-            raise ConfigError(f"invalid rims settings: {e}") from None
 
 
 #: PPO settings and their valid ranges: (low, high, low inclusive, high inclusive).

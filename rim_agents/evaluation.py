@@ -11,7 +11,6 @@ seeds, as rliable (Agarwal et al., 2021) computes it for one task.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -25,18 +24,19 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv
 
-from rim_agents.checkpoints import (
+from rim_agents.config import TrainConfig, env_family
+from rim_agents.errors import UsageError
+from rim_agents.models import load_model, make_env
+from rim_agents.ppo import RIMPPO
+from rim_agents.runs import (
+    CONFIG_FILE,
     FINAL_MODEL,
     atomic_write_bytes,
     atomic_write_text,
-    checkpoint_step,
-    latest_checkpoint,
+    load_run_config,
+    newest_model,
 )
-from rim_agents.config import TrainConfig, env_family
-from rim_agents.envs import make_vec_env
-from rim_agents.errors import UsageError
-from rim_agents.ppo import RIMPPO
-from rim_agents.shifts import DEFAULT_SHIFTS, ShiftSpec, parse_shift
+from rim_agents.shifts import DEFAULT_SHIFTS, ShiftSpec, shift_spec
 
 # ----------------------------------------------------------------------------------- statistics
 
@@ -150,18 +150,6 @@ def run_episodes(
     return out
 
 
-def make_eval_env(config: TrainConfig, shift: ShiftSpec, n_envs: int, seed: int) -> VecEnv:
-    """The training env of ``config`` with ``shift`` applied."""
-    options = dataclasses.asdict(config.env_options)
-    options["env_kwargs"] = {**options["env_kwargs"], **shift.env_kwargs}
-    venv = make_vec_env(config.env, n_envs, seed, env_packages=config.env_packages, **options)
-    return shift.wrap(venv, seed)
-
-
-def shift_spec(config: TrainConfig, shift: str) -> ShiftSpec:
-    return parse_shift(shift, env_family(config.env), config.env_options.env_kwargs, config.env)
-
-
 # --------------------------------------------------------------------------------- checkpoints
 
 
@@ -175,8 +163,6 @@ class Checkpoint:
 
 def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     """A run directory (its final model, else its newest checkpoint) or a checkpoint file."""
-    from rim_agents.training import CONFIG_FILE, load_model, load_run_config
-
     path = Path(target)
     if path.is_dir():
         run_dir = path
@@ -198,18 +184,6 @@ def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     # Rebuilt from the run's config with weights-only tensors: nothing in the file is unpickled.
     model = load_model(config, ckpt, device=device)
     return Checkpoint(ckpt, run_dir, config, model)
-
-
-def newest_model(run_dir: Path) -> Path | None:
-    """``final_model.zip``, unless a checkpoint has more steps (an extension that was interrupted);
-    None when the run holds no model."""
-    final = run_dir / FINAL_MODEL
-    newest = latest_checkpoint(run_dir)
-    if not final.is_file():
-        return newest
-    if newest is not None and checkpoint_step(newest) > checkpoint_step(final):
-        return newest
-    return final
 
 
 def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
@@ -268,7 +242,7 @@ def evaluate(
             names.insert(0, "none")  # the reference for the drop
         specs = [(name, shift_spec(ckpt.config, name)) for name in names]
         for name, spec in specs:
-            env = make_eval_env(ckpt.config, spec, 1, seed)
+            env = make_env(ckpt.config, 1, seed, spec)
             try:
                 check_spaces(ckpt, env, name)
             finally:
@@ -302,7 +276,7 @@ def evaluate(
         for name, spec in specs:
             # Seeded per checkpoint and shift: a result does not depend on what ran before it.
             set_random_seed(seed)
-            env = make_eval_env(ckpt.config, spec, min(n_envs, episodes), seed)
+            env = make_env(ckpt.config, min(n_envs, episodes), seed, spec)
             try:
                 eps = run_episodes(ckpt.model, env, episodes, deterministic, bar.update if bar else None)
             finally:

@@ -21,6 +21,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
+from rim_agents.config import TrainConfig, env_family
 from rim_agents.errors import UsageError
 
 FAMILIES = ("atari", "minigrid", "classic")
@@ -135,6 +136,11 @@ class ShiftSpec:
         if self.obs_blank_p > 0 or self.obs_noise > 0:
             venv = ObservationShiftVecEnv(venv, self.obs_blank_p, self.obs_noise, seed)
         return venv
+
+
+def shift_spec(config: TrainConfig, shift: str) -> ShiftSpec:
+    """A shift for the env of ``config`` (its family, env id and env settings)."""
+    return parse_shift(shift, env_family(config.env), config.env_options.env_kwargs, config.env)
 
 
 def shift_names(family: str) -> list[str]:

@@ -26,6 +26,7 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv
 
 from rim_agents.config import TrainConfig, env_family
+from rim_agents.envs.atari import action_set, ale_settings
 from rim_agents.rim import RIMCore
 
 PANEL = 336  # the observation panel's height in pixels
@@ -369,8 +370,6 @@ def action_names(config: TrainConfig) -> list[str] | None:
     """Names of the discrete actions, where known."""
     family = env_family(config.env)
     if family == "atari":
-        from rim_agents.envs.atari import action_set, ale_settings
-
         settings = ale_settings(config.env)
         return action_set(settings["game"], settings["full_action_space"])
     if config.env.startswith("RIMAgents/Pickup"):

@@ -8,7 +8,7 @@ import pytest
 from stable_baselines3.common.utils import LinearSchedule
 
 from rim_agents.config import CONFIG_DIR, ConfigError, env_family, load_config, parse_override, read_yaml
-from rim_agents.training import schedule
+from rim_agents.models import schedule
 
 
 def test_family_defaults_and_core_sections() -> None:
@@ -94,8 +94,12 @@ def test_env_and_core_from_file_or_overrides(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_are_errors(overrides: list[str], match: str) -> None:
+    """``load_config`` checks the config itself; ``check_config`` what needs the rest of the package
+    (RIM settings, extractor names); ``train`` runs both before it writes anything."""
+    from rim_agents.models import check_config
+
     with pytest.raises(ConfigError, match=match):
-        load_config("CartPole-v1", "rims", overrides=overrides)
+        check_config(load_config("CartPole-v1", "rims", overrides=overrides))
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from rim_agents.checkpoints import FINAL_MODEL
 from rim_agents.cli import evaluate_main
 from rim_agents.config import load_config
 from rim_agents.errors import UsageError
 from rim_agents.evaluation import bootstrap_ci, evaluate, iqm, stratified_bootstrap_iqm
+from rim_agents.runs import FINAL_MODEL
 from rim_agents.training import train
 
 TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1", "checkpoint_freq=0"]
@@ -236,8 +236,8 @@ def test_an_interrupted_extension_is_evaluated_at_its_newest_checkpoint(
 ) -> None:
     import shutil
 
-    from rim_agents.checkpoints import checkpoint_path, save_model
     from rim_agents.evaluation import resolve_checkpoint
+    from rim_agents.runs import checkpoint_path, save_model
 
     run = tmp_path / "run"
     shutil.copytree(pickup_runs[0], run)

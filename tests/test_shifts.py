@@ -8,8 +8,8 @@ import pytest
 from rim_agents.config import load_config
 from rim_agents.envs.pickup import HELDOUT_PALETTE, TRAIN_PALETTE, TYPES, UNSEEN
 from rim_agents.errors import UsageError
-from rim_agents.evaluation import make_eval_env, shift_spec
-from rim_agents.shifts import parse_shift
+from rim_agents.models import make_env
+from rim_agents.shifts import parse_shift, shift_spec
 
 ATARI = load_config("BreakoutNoFrameskip-v4", "rims", overrides=["n_envs=2"])
 PICKUP = load_config("RIMAgents/Pickup-8x8-v0", "rims")
@@ -21,7 +21,7 @@ def binomial_bounds(n: int, p: float, z: float = 4.0) -> tuple[float, float]:
 
 
 def atari_run(shift: str, steps: int = 200, seed: int = 0, actions_seed: int = 0) -> tuple[list, list, list]:
-    env = make_eval_env(ATARI, shift_spec(ATARI, shift), 2, seed)
+    env = make_env(ATARI, 2, seed, shift_spec(ATARI, shift))
     rng = np.random.default_rng(actions_seed)
     obs = [env.reset()]
     rewards, dones = [], []
@@ -82,7 +82,7 @@ def test_sticky_reaches_the_emulator() -> None:
 
     assert np.array_equal(frames("sticky-1.0", 1), frames("sticky-1.0", 2))
     assert not np.array_equal(frames("sticky-0.0", 1), frames("sticky-0.0", 2))
-    env = make_eval_env(ATARI, shift_spec(ATARI, "sticky-0.25"), 1, 0)
+    env = make_env(ATARI, 1, 0, shift_spec(ATARI, "sticky-0.25"))
     assert env.settings["repeat_action_probability"] == 0.25  # type: ignore[attr-defined]
     env.close()
 
@@ -96,7 +96,7 @@ def test_mode_reaches_the_emulator() -> None:
 
 # ---------------------------------------------------------------------------------- MiniGrid
 def pickup_envs(shift: str, n: int = 4, seed: int = 0):
-    env = make_eval_env(PICKUP, shift_spec(PICKUP, shift), n, seed)
+    env = make_env(PICKUP, n, seed, shift_spec(PICKUP, shift))
     return env, [e.unwrapped for e in env.envs]  # type: ignore[attr-defined]
 
 

@@ -14,10 +14,10 @@ import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rim_agents import RIMPPO
-from rim_agents.checkpoints import FINAL_MODEL, latest_checkpoint, save_model
 from rim_agents.cli import train_main
 from rim_agents.config import load_config
 from rim_agents.errors import UsageError
+from rim_agents.runs import FINAL_MODEL, latest_checkpoint, save_model
 from rim_agents.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +248,7 @@ def test_train_script_writes_a_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ reliability
 def test_a_locked_run_directory_is_refused(tmp_path: Path) -> None:
-    from rim_agents.training import RunLock
+    from rim_agents.runs import RunLock
 
     run = tmp_path / "run"
     run.mkdir()
@@ -272,7 +272,7 @@ def test_failed_start_leaves_no_run_directory(tmp_path: Path) -> None:
 
 
 def test_default_run_directories_are_distinct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rim_agents.training import default_run_dir
+    from rim_agents.runs import default_run_dir
 
     monkeypatch.chdir(tmp_path)
     config = tiny_config()
@@ -417,7 +417,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, capsys: pytest
 def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import rim_agents.checkpoints as checkpoints
+    import rim_agents.runs as runs
 
     real_replace = os.replace
     calls = {"n": 0}
@@ -428,7 +428,7 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    monkeypatch.setattr(runs.os, "replace", replace)
     with pytest.raises(
         UsageError, match=r"No space left on device; the newest complete checkpoint is .*step_000000000032"
     ):

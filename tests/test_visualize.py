@@ -12,8 +12,9 @@ import torch as th
 
 from rim_agents.cli import visualize_main
 from rim_agents.config import load_config
-from rim_agents.evaluation import make_eval_env, shift_spec
-from rim_agents.training import build_model, train
+from rim_agents.models import build_model, make_env
+from rim_agents.shifts import shift_spec
+from rim_agents.training import train
 from rim_agents.visualize import (
     activity_png,
     compose_frame,
@@ -29,14 +30,14 @@ TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo
 
 def untrained(env_id: str, core: str, extra: list[str] | None = None):
     config = load_config(env_id, core, overrides=[*TINY, *(extra or [])])
-    env = make_eval_env(config, shift_spec(config, "none"), 1, 0)
+    env = make_env(config, 1, 0, shift_spec(config, "none"))
     model = build_model(config, env)
     env.close()
     return config, model
 
 
 def episode_of(config, model, shift: str = "none", max_steps: int = 40, seed: int = 0):
-    env = make_eval_env(config, shift_spec(config, shift), 1, seed)
+    env = make_env(config, 1, seed, shift_spec(config, shift))
     try:
         return record_episode(model, config, env, seed=seed, max_steps=max_steps)
     finally:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ale_py
 import gymnasium as gym
+
+from rim_agents.envs.pickup import PICKUP_IDS
 
 _registered = False
 
@@ -12,8 +15,6 @@ def register_envs() -> None:
     global _registered
     if _registered:
         return
-    import ale_py
-
     gym.register_envs(ale_py)
     if "RIMAgents/CartPoleNoVel-v1" not in gym.registry:
         gym.register(
@@ -24,8 +25,6 @@ def register_envs() -> None:
         )
     if "RIMAgents/Repeat-v0" not in gym.registry:
         gym.register("RIMAgents/Repeat-v0", entry_point="rim_agents.envs.classic:RepeatEnv")
-    from rim_agents.envs.pickup import PICKUP_IDS
-
     for env_id, kwargs in PICKUP_IDS.items():
         if env_id not in gym.registry:
             gym.register(env_id, entry_point="rim_agents.envs.pickup:PickupEnv", kwargs=kwargs)

@@ -1,0 +1,186 @@
+"""The run directory: its layout, and everything that reads or writes it as a whole.
+
+Layout::
+
+    config.yaml            resolved config (defaults < YAML < command line)
+    command.txt            the command that started (or resumed) the run, shell-quoted
+    versions.json          package versions and git commit
+    tb/                    TensorBoard logs, progress.csv (and progress_resume<step>.csv)
+    checkpoints/step_N.zip periodic checkpoints, written atomically
+    final_model.zip        the trained model, written last: a run without it is not finished
+    .lock                  held (``flock``) by the process training in the folder
+
+Files are written through a temporary file and a rename: each is either absent or complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fcntl
+import io
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rim_agents.config import TrainConfig, config_from_dict
+from rim_agents.errors import UsageError
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+FINAL_MODEL = "final_model.zip"
+LOCK_FILE = ".lock"
+_STEP_RE = re.compile(r"step_(\d+)\.zip$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_model(model: Any, path: Path) -> Path:
+    """Save an SB3 model (policy, optimizer, step counter) atomically, plus ``VecNormalize``
+    statistics beside it (``<name>.vecnormalize.pkl``) when the env has them."""
+    buffer = io.BytesIO()
+    model.save(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
+        import pickle
+
+        atomic_write_bytes(path.with_suffix(".vecnormalize.pkl"), pickle.dumps(vec_normalize))
+    return path
+
+
+def checkpoint_path(run_dir: Path, num_timesteps: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"step_{num_timesteps:012d}.zip"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step counter saved in a checkpoint, read as plain JSON (nothing unpickled); -1 if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            steps = json.loads(archive.read("data")).get("num_timesteps")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return -1
+    return int(steps) if isinstance(steps, int) else -1
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the most steps in ``run_dir/checkpoints``, or None."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def newest_model(run_dir: Path) -> Path | None:
+    """``final_model.zip``, unless a checkpoint has more steps (an extension that was interrupted);
+    None when the run holds no model."""
+    final = run_dir / FINAL_MODEL
+    newest = latest_checkpoint(run_dir)
+    if not final.is_file():
+        return newest
+    if newest is not None and checkpoint_step(newest) > checkpoint_step(final):
+        return newest
+    return final
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<env>_<core>_s<seed>_<time>``, created here so that two runs started in the same
+    second get two folders (``_2``, ``_3``, ... on a clash)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    env = config.env.replace("/", "-")
+    base = Path("runs") / f"{env}_{config.core}_s{config.seed}_{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not create a fresh run directory next to {base}: pass --run-dir")
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config saved in a run directory."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG_FILE}): pass a folder written by train.py")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UsageError(f"{path} is not valid YAML: the run directory is damaged") from None
+    return config_from_dict(data)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a process trains in it.
+
+    ``flock`` on ``run_dir/.lock``: the kernel drops it when the process exits or dies, so a lock
+    left by a killed process never blocks. The file keeps the holder's pid for the error message.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot write in run directory {self.path.parent}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(
+                f"run directory {self.path.parent} is in use by another training process (pid {holder}): "
+                "wait for it to finish or choose another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def purge_progress(tb_dir: Path, step: int) -> None:
+    """Drop rows logged after ``step`` from the run's progress CSVs (rewritten atomically)."""
+    for path in sorted(tb_dir.glob("progress*.csv")):
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "time/total_timesteps" not in rows[0]:
+            continue
+        col = rows[0].index("time/total_timesteps")
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and (not r[col] or float(r[col]) <= step)]
+        if len(kept) < len(rows):
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(kept)
+            atomic_write_text(path, buffer.getvalue())
