@@ -28,7 +28,8 @@ breakout        BreakoutNoFrameskip-v4                     1M      last 100 game
 ==============  =========================================  ======  ==================================
 
 ``--cores`` takes cores (``none``, ``lstm``, ``gru``, ``rims``) and RIM variants (``rims-all-active``,
-``rims-st`` for the straight-through selection, ``rims-balance``, ``rims-st-balance``).
+``rims-st`` for the straight-through selection, ``rims-balance``, ``rims-st-balance``, ``rims-anneal``
+for k annealed from K over the first half of training).
 
 Example (the pickup rows, 10 seeds, about 2.5 h on two cores)::
 
@@ -114,6 +115,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rims-st": ("rims", ("rims.selection=straight_through",)),
     "rims-balance": ("rims", ("rims.balance_coef=0.01",)),
     "rims-st-balance": ("rims", ("rims.selection=straight_through", "rims.balance_coef=0.01")),
+    "rims-anneal": ("rims", ("rims.k_anneal=0.5",)),
 }
 
 

@@ -118,6 +118,27 @@ class VideoCallback(BaseCallback):
         return True
 
 
+class AnnealK(BaseCallback):
+    """Annealed k (``rims.k_anneal``): at every rollout start, set the RIM cores' number of active
+    RIMs from the training progress, logged as ``rims/k``. Collecting and the update that follows
+    use the same k, so PPO's ratio compares the same network twice."""
+
+    def __init__(self, total_timesteps: int) -> None:
+        super().__init__()
+        self.total_timesteps = total_timesteps
+
+    def _on_rollout_start(self) -> None:
+        policy = self.model.policy
+        cores = policy.rim_cores() if isinstance(policy, RIMPolicy) else []
+        for core in cores:
+            core.cell.set_progress(self.num_timesteps / self.total_timesteps)
+        if cores:
+            self.logger.record("rims/k", cores[0].cell.k_now)
+
+    def _on_step(self) -> bool:
+        return True
+
+
 class RIMActivityCallback(BaseCallback):
     """Log what the actor's RIM core does during rollouts.
 
@@ -217,7 +238,7 @@ class RIMActivityCallback(BaseCallback):
             self.entropy_sum += float(-(p * p.log()).sum(-1).mean()) * mask.shape[0]
             self.null_sum += float(p[..., 0].mean()) * mask.shape[0]
             self.attention_steps += mask.shape[0]
-            k, K = core.cell.k_active, core.cell.num_units
+            k, K = core.cell.k_now, core.cell.num_units
             if k < K:
                 least = th.topk(p[..., 0], k + 1, dim=-1, largest=False).values  # (n_envs, k + 1)
                 self.margin_sum += float((least[:, k] - least[:, k - 1]).sum())
@@ -243,7 +264,7 @@ class RIMActivityCallback(BaseCallback):
             if self.attention_steps:
                 self.logger.record("rims/input_attention_entropy", self.entropy_sum / self.attention_steps)
                 self.logger.record("rims/null_attention", self.null_sum / self.attention_steps)
-                if core.cell.k_active < core.cell.num_units:
+                if core.cell.k_now < core.cell.num_units:
                     self.logger.record("rims/selection_margin", self.margin_sum / self.attention_steps)
             if self.query_grads:
                 norms = th.stack(self.query_grads).sqrt().mean(0)

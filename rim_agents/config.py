@@ -95,6 +95,7 @@ class RIMConfig:
     selection_temperature: float = 0.05  # width of the straight-through soft mask
     selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy (see RIMCell)
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (logged as rims/balance_loss)
+    k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
 
 
 @dataclass

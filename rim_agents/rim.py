@@ -157,6 +157,11 @@ class RIMCell(nn.Module):
         in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
         anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
         collected with one noise sample against one trained with another).
+    :param k_anneal: the fraction of training over which the number of active RIMs falls linearly
+        from ``K`` to ``k_active`` (annealed k): every RIM learns to read the input before the
+        top-k starts to put some to sleep. The trainer reports progress with :meth:`set_progress`
+        (PPO: at every rollout start, so that collecting and training use the same ``k``); 0, the
+        default, and any use without progress reports, is the paper's fixed ``k_active``.
     :param balance_coef: weight of the load-balancing loss ``(K / k) * sum_i f_i P_i`` over each
         unrolled sequence (Fedus et al. 2021): ``f_i`` the fraction of steps RIM ``i`` was active
         (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
@@ -188,6 +193,7 @@ class RIMCell(nn.Module):
         selection_temperature: float = 0.05,
         selection_noise: float = 0.0,
         balance_coef: float = 0.0,
+        k_anneal: float = 0.0,
     ) -> None:
         super().__init__()
         if input_value_size is None:
@@ -226,6 +232,8 @@ class RIMCell(nn.Module):
             raise ValueError(f"RIM setting selection={selection!r} is invalid: use one of {', '.join(SELECTIONS)}")
         if not selection_temperature > 0:
             raise ValueError(f"RIM setting selection_temperature={selection_temperature!r} is invalid: it must be > 0")
+        if not 0.0 <= k_anneal <= 1.0:
+            raise ValueError(f"RIM setting k_anneal={k_anneal!r} is invalid: it must lie in [0, 1]")
         for name, amount in [("selection_noise", selection_noise), ("balance_coef", balance_coef)]:
             if not amount >= 0:
                 raise ValueError(f"RIM setting {name}={amount!r} is invalid: it must be >= 0")
@@ -233,6 +241,8 @@ class RIMCell(nn.Module):
         self.input_size = input_size
         self.num_units = num_units
         self.k_active = k_active if input_attention else num_units
+        self.k_anneal = float(k_anneal)
+        self.k_now = self.k_active  # the k in force (see set_progress)
         self.unit_size = unit_size
         self.cell_type: CellType = cell
         self.input_heads = input_heads
@@ -305,6 +315,14 @@ class RIMCell(nn.Module):
             if self.comm_gate:
                 _uniform_(self.comm_gate_weight, d_h)
                 _uniform_(self.comm_gate_bias, d_h)
+
+    def set_progress(self, fraction_done: float) -> int:
+        """Set the number of active RIMs for the annealing schedule at ``fraction_done`` of
+        training (see ``k_anneal``); returns it."""
+        K, k = self.num_units, self.k_active
+        if self.k_anneal > 0:
+            self.k_now = round(K - (K - k) * min(1.0, max(0.0, fraction_done) / self.k_anneal))
+        return self.k_now
 
     @property
     def hidden_size(self) -> int:
@@ -412,13 +430,13 @@ class RIMCell(nn.Module):
             score = null_attention
             if self.selection_noise > 0 and self.training:
                 score = score + self.selection_noise * th.randn_like(score)
-            idx = th.topk(score, self.k_active, dim=0, largest=False).indices
+            idx = th.topk(score, self.k_now, dim=0, largest=False).indices
             return th.zeros_like(null_attention, dtype=th.bool).scatter_(0, idx, True)
 
     def _straight_through(self, null_attention: th.Tensor) -> th.Tensor:
         """``s - sg(s)`` for the soft mask ``s`` (see ``selection``): zero, with the soft mask's gradient."""
         with th.no_grad():
-            least = th.topk(null_attention, self.k_active + 1, dim=0, largest=False).values
+            least = th.topk(null_attention, self.k_now + 1, dim=0, largest=False).values
             threshold = 0.5 * (least[-2] + least[-1])  # (B,)
         soft = th.sigmoid((threshold - null_attention) / self.selection_temperature)
         return soft - soft.detach()
@@ -489,7 +507,7 @@ class RIMCell(nn.Module):
             gates_in = inp.gate_proj
         h_new, c_new = self._cell(gates_in, h, c)
         mask = None
-        if null_att is not None and self.k_active < self.num_units:
+        if null_att is not None and self.k_now < self.num_units:
             mask = self._top_k_mask(null_att)
         if mask is None:
             return (self._communicate(h_new) if self.communication else h_new), c_new, mask, null_att, token_att
@@ -632,7 +650,7 @@ class RIMCore(nn.Module):
         if cell.cell_type == "gru":
             c = th.zeros_like(h)
         track = tracker is not None and tracker.track_activity
-        balance = cell.balance_coef > 0 and cell.k_active < cell.num_units and th.is_grad_enabled()
+        balance = cell.balance_coef > 0 and cell.k_now < cell.num_units and th.is_grad_enabled()
         outs: list[th.Tensor] = []
         masks: list[th.Tensor] = []
         attentions: list[th.Tensor] = []
@@ -665,7 +683,7 @@ class RIMCore(nn.Module):
         if selected:
             fraction = th.stack(selected).to(out.dtype).mean(dim=(0, 2))  # (K,), no gradient
             share = th.stack(shares).mean(dim=(0, 2))  # (K,)
-            loss = (cell.num_units / cell.k_active) * (fraction * share).sum()
+            loss = (cell.num_units / cell.k_now) * (fraction * share).sum()
             out = AddAuxiliaryLoss.apply(out, cell.balance_coef * loss)
             if tracker is not None:
                 tracker.balance_losses.append(loss.detach())

@@ -27,7 +27,7 @@ from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat, mak
 from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
-from rim_agents.callbacks import CheckpointCallback, RIMActivityCallback, ShiftEvalCallback, VideoCallback
+from rim_agents.callbacks import AnnealK, CheckpointCallback, RIMActivityCallback, ShiftEvalCallback, VideoCallback
 from rim_agents.config import TrainConfig
 from rim_agents.errors import UsageError
 from rim_agents.models import DamagedCheckpoint, build_model, check_config, load_model, make_env
@@ -210,6 +210,8 @@ def _train_locked(
     if config.checkpoint_freq > 0:
         callbacks.append(CheckpointCallback(run_dir, config.checkpoint_freq))
     if config.core == "rims":
+        if config.rims.k_anneal > 0:
+            callbacks.append(AnnealK(config.total_timesteps))
         callbacks.append(RIMActivityCallback(config.rim_log_freq, config.rim_image_freq))
     if config.video_freq > 0:
         callbacks.append(VideoCallback(config, config.video_freq, run_dir))

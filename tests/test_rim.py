@@ -637,3 +637,18 @@ def test_communication_attention_is_tracked_only_when_asked() -> None:
     quiet.track_activity = True
     quiet(x)
     assert "communication" not in quiet.last_activity and "mask" in quiet.last_activity
+
+
+def test_annealed_k_schedule_and_exactly_k_now_active() -> None:
+    core = make_core(k_active=2, k_anneal=0.5)
+    cell = core.cell
+    assert cell.k_now == 2  # without progress reports: the paper's fixed k
+    assert [cell.set_progress(f) for f in (0.0, 0.1, 0.25, 0.4, 0.5, 0.9)] == [5, 4, 4, 3, 2, 2]
+    core.track_activity = True
+    for fraction, k in ((0.0, 5), (0.3, 3), (1.0, 2)):
+        cell.set_progress(fraction)
+        core(th.randn(3, 4, D_IN))
+        assert th.all(core.last_activity["mask"].sum(-1) == k)
+    assert make_core(k_active=2).cell.set_progress(0.0) == 2  # no annealing
+    with pytest.raises(ValueError, match="k_anneal=1.5"):
+        make_core(k_anneal=1.5)

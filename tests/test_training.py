@@ -471,3 +471,12 @@ def test_shifts_are_evaluated_during_training(tmp_path: Path) -> None:
     for shift in ("none", "view-3"):
         assert 0.0 <= float(rows[0][f"eval/{shift}/success_rate"]) <= 1.0
         assert float(rows[0][f"eval/{shift}/mean_length"]) > 0
+
+
+def test_annealed_k_in_ppo(tmp_path: Path) -> None:
+    run = train(tiny_config(total=128, extra=["rims.k_anneal=0.5"]), tmp_path / "run")
+    ks = [int(float(r["rims/k"])) for r in read_progress(run) if r.get("rims/k")]
+    # classic config: 4 RIMs, k = 3; 4 rollouts of 32 steps; k falls over the first half.
+    assert ks == [4, 4, 3, 3]
+    model = RIMPPO.load(run / FINAL_MODEL)
+    assert model.policy.lstm_actor.cell.k_now == 3  # a loaded model runs the final k
