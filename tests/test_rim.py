@@ -650,5 +650,5 @@ def test_annealed_k_schedule_and_exactly_k_now_active() -> None:
         core(th.randn(3, 4, D_IN))
         assert th.all(core.last_activity["mask"].sum(-1) == k)
     assert make_core(k_active=2).cell.set_progress(0.0) == 2  # no annealing
-    with pytest.raises(ValueError, match="k_anneal=1.5"):
+    with pytest.raises(ValueError, match=r"k_anneal=1\.5"):
         make_core(k_anneal=1.5)
