@@ -109,6 +109,10 @@ class EnvConfig:
     backend: str = "auto"  # Atari: auto | vector (ale-py C++ threads) | gym (gymnasium + AtariWrapper)
 
 
+#: Field metadata of the settings that do not change what is trained (see TrainConfig.identity).
+RUN_ONLY = {"run_only": True}
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs."""
@@ -116,17 +120,17 @@ class TrainConfig:
     env: str = ""
     env_packages: list[str] = field(default_factory=list)  # modules imported first: they register env ids
     core: str = "rims"  # rims | lstm | gru | none (feed-forward control)
-    seed: int = 0
+    seed: int = field(default=0, metadata=RUN_ONLY)
     n_envs: int = 8
-    total_timesteps: int = 10_000_000
-    device: str = "auto"  # auto | cpu | cuda
-    checkpoint_freq: int = 100_000  # env steps between checkpoints (0: only the final model)
-    rim_log_freq: int = 1  # rollouts between RIM activity scalars
-    rim_image_freq: int = 20  # rollouts between RIM activity images
-    eval_shifts: list[str] = field(default_factory=list)  # shifts evaluated during training
-    eval_freq: int = 0  # env steps between evaluations during training (0: none)
-    eval_episodes: int = 10  # episodes per shift and evaluation during training
-    video_freq: int = 0  # env steps between episode videos in TensorBoard (0: none)
+    total_timesteps: int = field(default=10_000_000, metadata=RUN_ONLY)
+    device: str = field(default="auto", metadata=RUN_ONLY)  # auto | cpu | cuda
+    checkpoint_freq: int = field(default=100_000, metadata=RUN_ONLY)  # env steps between checkpoints (0: final only)
+    rim_log_freq: int = field(default=1, metadata=RUN_ONLY)  # rollouts between RIM activity scalars
+    rim_image_freq: int = field(default=20, metadata=RUN_ONLY)  # rollouts between RIM activity images
+    eval_shifts: list[str] = field(default_factory=list, metadata=RUN_ONLY)  # shifts evaluated during training
+    eval_freq: int = field(default=0, metadata=RUN_ONLY)  # env steps between evaluations during training (0: none)
+    eval_episodes: int = field(default=10, metadata=RUN_ONLY)  # episodes per shift and evaluation during training
+    video_freq: int = field(default=0, metadata=RUN_ONLY)  # env steps between videos in TensorBoard (0: none)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rims: RIMConfig = field(default_factory=RIMConfig)
@@ -134,6 +138,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make the trained agent what it is: runs that differ only in the others
+        (``RUN_ONLY`` fields: seed, budget, device, logging) are seeds of one configuration."""
+        run_only = {f.name for f in dataclasses.fields(self) if f.metadata.get("run_only")}
+        return {k: v for k, v in self.to_dict().items() if k not in run_only}
 
 
 # ------------------------------------------------------------------------------------ coercion

@@ -199,12 +199,8 @@ def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
 
 
 def _group_key(config: TrainConfig) -> str:
-    data = config.to_dict()
-    # Settings that do not change the trained agent's kind: runs differing only in these are seeds.
-    ignored = ("seed", "total_timesteps", "device", "checkpoint_freq", "rim_log_freq", "rim_image_freq", "video_freq")
-    for key in (*ignored, "eval_shifts", "eval_freq", "eval_episodes"):
-        data.pop(key, None)
-    return json.dumps(data, sort_keys=True)
+    """Runs whose configs differ only in run-only settings (seed, budget, ...) are seeds of one group."""
+    return json.dumps(config.identity(), sort_keys=True)
 
 
 def evaluate(

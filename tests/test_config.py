@@ -191,3 +191,11 @@ def test_a_missing_family_config_is_an_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
     with pytest.raises(ConfigError, match=r"family config .*minigrid\.yaml is missing"):
         load_config("RIMAgents/Pickup-6x6-v0", "rims")
+
+
+def test_identity_drops_run_only_settings() -> None:
+    base = load_config("CartPole-v1", "rims")
+    seeds = load_config("CartPole-v1", "rims", overrides=["seed=7", "total_timesteps=5", "checkpoint_freq=0"])
+    other = load_config("CartPole-v1", "rims", overrides=["rims.k_active=2"])
+    assert seeds.identity() == base.identity() and other.identity() != base.identity()
+    assert "seed" not in base.identity() and "rims" in base.identity()
