@@ -82,8 +82,8 @@ def main() -> None:
     x = th.randn(T, B, d_in)
     proj = th.randn(T, B, K * d_h)
 
-    rim_lstm = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm")
-    rim_gru = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru")
+    rim_lstm = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1)
+    rim_gru = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru", input_dropout=0.1, comm_dropout=0.1)
     lstm = nn.LSTM(d_in, K * d_h)
     reference = LoopRIMReference(d_in, K, 4, d_h)
 

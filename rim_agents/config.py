@@ -70,14 +70,67 @@ class PolicyConfig:
     normalize_images: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class RIMConfig:
-    """Arguments of :class:`rim_agents.RIMCore` (see its docstring)."""
+    """The settings of a RIM core, one set of defaults for :class:`rim_agents.rim.RIMCell` /
+    ``RIMCore``, the policy and the YAML configs; frozen, and checked when made (``ValueError``).
+
+    :param num_units: number of RIMs ``K``.
+    :param k_active: number of RIMs ``k`` updated per step, ``1 <= k <= K``. Ignored (all RIMs
+        active) when ``input_attention=False``.
+    :param unit_size: hidden width ``d_h`` of each RIM.
+    :param cell: ``"lstm"`` or ``"gru"``.
+    :param input_heads: heads of the input attention.
+    :param input_key_size: key/query width ``d_k`` per input-attention head.
+    :param input_value_size: total value width of the input attention (all heads); default
+        ``4 * unit_size`` as in the paper. Must be divisible by ``input_heads``.
+    :param input_query_bias: if True (default), each RIM's query is affine in its state,
+        ``q_i = W_q,i h_i + b_q,i``. Without the bias a RIM whose state is zero (every RIM at an
+        episode start, and a RIM dormant since then) scores exactly 0 on every input, so all such
+        RIMs tie at attention 1/2 whatever the input, and the top-k falls back to ``topk``'s
+        tie-break: at an episode start the same ``k`` RIMs win for every input, and a RIM still at
+        zero can only be chosen when an active RIM turns away from the input. The null token's key
+        is zero either way, so its score stays exactly 0: the bias does not tilt the choice towards
+        or away from the null.
+    :param comm_heads: heads of the communication attention.
+    :param comm_key_size: key/query width per communication head.
+    :param comm_value_size: value width per communication head; default ``comm_key_size``.
+    :param input_attention: if False (ablation), every RIM reads the input directly (the mean of the
+        tokens for token input) and every RIM is active.
+    :param communication: if False (ablation), RIMs do not read from each other.
+    :param comm_gate: if True, ``h^ = h~ + sigmoid(W_g out + b_g) * tanh(out)``; else a plain residual
+        ``h^ = h~ + tanh(out)``.
+    :param input_dropout: dropout on the input-attention probabilities.
+    :param comm_dropout: dropout on the communication-attention probabilities.
+    :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).
+    :param selection: ``"hard"`` (the paper's top-k, no gradient through the choice) or
+        ``"straight_through"``: the same forward pass bit for bit, while the backward pass treats
+        the write as ``h_t = h_write + (s - sg(s)) * (h~ - h_{t-1})`` with the soft mask
+        ``s_i = sigmoid((thr - null_i) / selection_temperature)``, ``thr`` half-way between the
+        k-th and (k+1)-th least null attention: the choice gets a first-order gradient (would
+        waking this RIM, or putting it to sleep, have lowered the loss?), a dormant RIM's query
+        included, while its cell still gets none.
+    :param selection_temperature: width of the straight-through soft mask, in null-attention units.
+    :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
+        in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
+        anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
+        collected with one noise sample against one trained with another).
+    :param k_anneal: the fraction of training over which the number of active RIMs falls linearly
+        from ``K`` to ``k_active`` (annealed k): every RIM learns to read the input before the
+        top-k starts to put some to sleep. The trainer reports progress with :meth:`set_progress`
+        (PPO: at every rollout start, so that collecting and training use the same ``k``); 0, the
+        default, and any use without progress reports, is the paper's fixed ``k_active``.
+    :param balance_coef: weight of the load-balancing loss ``(K / k) * sum_i f_i P_i`` over each
+        unrolled sequence (Fedus et al. 2021): ``f_i`` the fraction of steps RIM ``i`` was active
+        (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
+        ``a = 1 - null``. It is 1 when the load is even and is added to whatever loss is computed
+        from the core's output (:class:`AddAuxiliaryLoss`); 0 (default) adds nothing.
+    """
 
     num_units: int = 6
     k_active: int = 4
     unit_size: int = 64
-    cell: str = "lstm"
+    cell: str = "lstm"  # lstm | gru
     input_heads: int = 1
     input_key_size: int = 64
     input_value_size: int | None = None  # default 4 * unit_size
@@ -88,14 +141,62 @@ class RIMConfig:
     input_attention: bool = True
     communication: bool = True
     comm_gate: bool = True
-    input_dropout: float = 0.0
+    input_dropout: float = 0.0  # the paper: 0.1 (supervised); 0 for PPO, whose ratio needs one network
     comm_dropout: float = 0.0
     mask_output: bool = False
     selection: str = "hard"  # hard (the paper's top-k) | straight_through (the choice gets a gradient)
     selection_temperature: float = 0.05  # width of the straight-through soft mask
-    selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy (see RIMCell)
-    balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (logged as rims/balance_loss)
+    selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy
+    balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
     k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
+
+    def __post_init__(self) -> None:
+        sizes = [
+            "num_units", "unit_size", "input_heads", "input_key_size", "input_value_size", "comm_heads",
+            "comm_key_size", "comm_value_size",
+        ]  # fmt: skip
+        for name in sizes:
+            value = getattr(self, name)
+            if value is None and name in ("input_value_size", "comm_value_size"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RIM setting {name}={value!r} is invalid: it must be a positive integer")
+        if not isinstance(self.k_active, int) or not 1 <= self.k_active <= self.num_units:
+            raise ValueError(
+                f"RIM setting k_active={self.k_active!r} is invalid: it must be an integer with "
+                f"1 <= k_active <= num_units={self.num_units}"
+            )
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"RIM setting cell={self.cell!r} is invalid: use 'lstm' or 'gru'")
+        if self.values_per_head is None:
+            raise ValueError(
+                f"RIM setting input_value_size={self.value_width} is not divisible by "
+                f"input_heads={self.input_heads}: choose a value width that is a multiple of the head count"
+            )
+        for name in ("input_dropout", "comm_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must lie in [0, 1)")
+        if self.selection not in ("hard", "straight_through"):
+            raise ValueError(f"RIM setting selection={self.selection!r} is invalid: use one of hard, straight_through")
+        if not self.selection_temperature > 0:
+            raise ValueError(
+                f"RIM setting selection_temperature={self.selection_temperature!r} is invalid: it must be > 0"
+            )
+        if not 0.0 <= self.k_anneal <= 1.0:
+            raise ValueError(f"RIM setting k_anneal={self.k_anneal!r} is invalid: it must lie in [0, 1]")
+        for name in ("selection_noise", "balance_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must be >= 0")
+
+    @property
+    def value_width(self) -> int:
+        """The input attention's total value width (``input_value_size``, default ``4 * unit_size``)."""
+        return self.input_value_size if self.input_value_size is not None else 4 * self.unit_size
+
+    @property
+    def values_per_head(self) -> int | None:
+        """The value width per input head; None when the heads do not divide it."""
+        return None if self.value_width % self.input_heads else self.value_width // self.input_heads
 
 
 @dataclass
@@ -195,7 +296,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Apply a nested dict of updates to a dataclass instance, strictly."""
+    """Apply a nested dict of updates to a dataclass instance, strictly (a frozen section, such as
+    ``rims``, is replaced by a checked copy)."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
@@ -207,10 +309,29 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        params = getattr(type(current), "__dataclass_params__", None)
+        if params is not None and params.frozen:
+            setattr(obj, key, _merged_copy(current, value, f"{full}."))
+        elif dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _merged_copy(obj: Any, updates: dict[str, Any], prefix: str) -> Any:
+    """A frozen dataclass with ``updates`` applied, checked by its own ``__post_init__``."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.')} must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = [k for k in updates if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
+    coerced = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in updates.items()}
+    try:
+        return dataclasses.replace(obj, **coerced)
+    except ValueError as e:
+        raise ConfigError(f"invalid rims settings: {e}") from None
 
 
 def _validate_schedule(value: float | str, key: str) -> None:

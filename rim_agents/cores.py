@@ -20,7 +20,7 @@ from typing import Any
 import torch as th
 from torch import nn
 
-from rim_agents.config import CORES
+from rim_agents.config import CORES, RIMConfig
 from rim_agents.rim import RIMCore
 
 __all__ = ["CORES", "FeedForwardCore", "GRUCore", "build_core", "core_hidden_size", "unroll"]
@@ -75,7 +75,8 @@ def core_hidden_size(core: str, lstm_hidden_size: int, core_kwargs: dict[str, An
     if core == "none":
         return FeedForwardCore.hidden_size
     if core == "rims":
-        return int(core_kwargs.get("num_units", 6)) * int(core_kwargs.get("unit_size", 64))
+        settings = RIMConfig(**core_kwargs)
+        return settings.num_units * settings.unit_size
     return lstm_hidden_size
 
 

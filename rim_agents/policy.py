@@ -19,6 +19,7 @@ sb3-contrib's. Differences:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +29,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, Combine
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, build_core, core_hidden_size, unroll
 from rim_agents.rim import RIMCore
 
@@ -71,13 +73,12 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         self.core_name = core
         self.core_kwargs = dict(core_kwargs or {})
         if core == "rims":
-            # Saved explicitly, so that RIMPPO.load can tell checkpoints from before the option.
-            self.core_kwargs.setdefault("input_query_bias", True)
-            # PPO's ratio compares the network that collected (eval mode) with the one that trains
-            # (train mode): nothing random may differ between the two.
-            self.core_kwargs.setdefault("input_dropout", 0.0)
-            self.core_kwargs.setdefault("comm_dropout", 0.0)
-            if float(self.core_kwargs.get("selection_noise", 0.0)) > 0:
+            # Every setting resolved and saved, input_query_bias included (RIMPPO.load tells
+            # checkpoints from before that option by its absence). RIMConfig's dropout default is
+            # 0: PPO's ratio compares the network that collected (eval mode) with the one that
+            # trains (train mode), so nothing random may differ between the two.
+            self.core_kwargs = dataclasses.asdict(RIMConfig(**self.core_kwargs))
+            if self.core_kwargs["selection_noise"] > 0:
                 raise ValueError(
                     "selection_noise > 0 cannot train a PPO policy: the RIMs chosen while collecting and "
                     "while training would differ; use selection=straight_through or balance_coef instead"

@@ -28,6 +28,7 @@ are zero, so a RIM's read is its attention weight times the projected input, and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,8 @@ from typing import Any, Literal
 import torch as th
 import torch.nn.functional as F
 from torch import nn
+
+from rim_agents.config import RIMConfig
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through"]
@@ -116,127 +119,37 @@ class StepInput:
 class RIMCell(nn.Module):
     """One step of Recurrent Independent Mechanisms.
 
+    ``RIMCell(input_size, config=None, **settings)``: the settings are
+    :class:`rim_agents.config.RIMConfig`'s fields (documented there), given as a ``RIMConfig``, as
+    keywords, or both (keywords win); unset ones take ``RIMConfig``'s defaults.
+
     :param input_size: width ``d_in`` of the input vector or of each input token.
-    :param num_units: number of RIMs ``K``.
-    :param k_active: number of RIMs ``k`` updated per step, ``1 <= k <= K``. Ignored (all RIMs
-        active) when ``input_attention=False``.
-    :param unit_size: hidden width ``d_h`` of each RIM.
-    :param cell: ``"lstm"`` or ``"gru"``.
-    :param input_heads: heads of the input attention.
-    :param input_key_size: key/query width ``d_k`` per input-attention head.
-    :param input_value_size: total value width of the input attention (all heads); default
-        ``4 * unit_size`` as in the paper. Must be divisible by ``input_heads``.
-    :param input_query_bias: if True (default), each RIM's query is affine in its state,
-        ``q_i = W_q,i h_i + b_q,i``. Without the bias a RIM whose state is zero (every RIM at an
-        episode start, and a RIM dormant since then) scores exactly 0 on every input, so all such
-        RIMs tie at attention 1/2 whatever the input, and the top-k falls back to ``topk``'s
-        tie-break: at an episode start the same ``k`` RIMs win for every input, and a RIM still at
-        zero can only be chosen when an active RIM turns away from the input. The null token's key
-        is zero either way, so its score stays exactly 0: the bias does not tilt the choice towards
-        or away from the null.
-    :param comm_heads: heads of the communication attention.
-    :param comm_key_size: key/query width per communication head.
-    :param comm_value_size: value width per communication head; default ``comm_key_size``.
-    :param input_attention: if False (ablation), every RIM reads the input directly (the mean of the
-        tokens for token input) and every RIM is active.
-    :param communication: if False (ablation), RIMs do not read from each other.
-    :param comm_gate: if True, ``h^ = h~ + sigmoid(W_g out + b_g) * tanh(out)``; else a plain residual
-        ``h^ = h~ + tanh(out)``.
-    :param input_dropout: dropout on the input-attention probabilities.
-    :param comm_dropout: dropout on the communication-attention probabilities.
-    :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).
-    :param selection: ``"hard"`` (the paper's top-k, no gradient through the choice) or
-        ``"straight_through"``: the same forward pass bit for bit, while the backward pass treats
-        the write as ``h_t = h_write + (s - sg(s)) * (h~ - h_{t-1})`` with the soft mask
-        ``s_i = sigmoid((thr - null_i) / selection_temperature)``, ``thr`` half-way between the
-        k-th and (k+1)-th least null attention: the choice gets a first-order gradient (would
-        waking this RIM, or putting it to sleep, have lowered the loss?), a dormant RIM's query
-        included, while its cell still gets none.
-    :param selection_temperature: width of the straight-through soft mask, in null-attention units.
-    :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
-        in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
-        anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
-        collected with one noise sample against one trained with another).
-    :param k_anneal: the fraction of training over which the number of active RIMs falls linearly
-        from ``K`` to ``k_active`` (annealed k): every RIM learns to read the input before the
-        top-k starts to put some to sleep. The trainer reports progress with :meth:`set_progress`
-        (PPO: at every rollout start, so that collecting and training use the same ``k``); 0, the
-        default, and any use without progress reports, is the paper's fixed ``k_active``.
-    :param balance_coef: weight of the load-balancing loss ``(K / k) * sum_i f_i P_i`` over each
-        unrolled sequence (Fedus et al. 2021): ``f_i`` the fraction of steps RIM ``i`` was active
-        (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
-        ``a = 1 - null``. It is 1 when the load is even and is added to whatever loss is computed
-        from the core's output (:class:`AddAuxiliaryLoss`); 0 (default) adds nothing.
+    :param config: the settings.
+    :param settings: settings by name, over ``config``.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        num_units: int = 6,
-        k_active: int = 4,
-        unit_size: int = 64,
-        cell: CellType = "lstm",
-        input_heads: int = 1,
-        input_key_size: int = 64,
-        input_value_size: int | None = None,
-        input_query_bias: bool = True,
-        comm_heads: int = 4,
-        comm_key_size: int = 32,
-        comm_value_size: int | None = None,
-        input_attention: bool = True,
-        communication: bool = True,
-        comm_gate: bool = True,
-        input_dropout: float = 0.1,
-        comm_dropout: float = 0.1,
-        mask_output: bool = False,
-        selection: Selection = "hard",
-        selection_temperature: float = 0.05,
-        selection_noise: float = 0.0,
-        balance_coef: float = 0.0,
-        k_anneal: float = 0.0,
-    ) -> None:
+    def __init__(self, input_size: int, config: RIMConfig | None = None, **settings: Any) -> None:
         super().__init__()
-        if input_value_size is None:
-            input_value_size = 4 * unit_size
-        if comm_value_size is None:
-            comm_value_size = comm_key_size
-        for name, value in [
-            ("input_size", input_size),
-            ("num_units", num_units),
-            ("unit_size", unit_size),
-            ("input_heads", input_heads),
-            ("input_key_size", input_key_size),
-            ("input_value_size", input_value_size),
-            ("comm_heads", comm_heads),
-            ("comm_key_size", comm_key_size),
-            ("comm_value_size", comm_value_size),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RIM setting {name}={value!r} is invalid: it must be a positive integer")
-        if not isinstance(k_active, int) or not 1 <= k_active <= num_units:
-            raise ValueError(
-                f"RIM setting k_active={k_active!r} is invalid: it must be an integer with "
-                f"1 <= k_active <= num_units={num_units}"
-            )
-        if cell not in ("lstm", "gru"):
-            raise ValueError(f"RIM setting cell={cell!r} is invalid: use 'lstm' or 'gru'")
-        if input_value_size % input_heads != 0:
-            raise ValueError(
-                f"RIM setting input_value_size={input_value_size} is not divisible by "
-                f"input_heads={input_heads}: choose a value width that is a multiple of the head count"
-            )
-        for name, p in [("input_dropout", input_dropout), ("comm_dropout", comm_dropout)]:
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"RIM setting {name}={p!r} is invalid: it must lie in [0, 1)")
-        if selection not in SELECTIONS:
-            raise ValueError(f"RIM setting selection={selection!r} is invalid: use one of {', '.join(SELECTIONS)}")
-        if not selection_temperature > 0:
-            raise ValueError(f"RIM setting selection_temperature={selection_temperature!r} is invalid: it must be > 0")
-        if not 0.0 <= k_anneal <= 1.0:
-            raise ValueError(f"RIM setting k_anneal={k_anneal!r} is invalid: it must lie in [0, 1]")
-        for name, amount in [("selection_noise", selection_noise), ("balance_coef", balance_coef)]:
-            if not amount >= 0:
-                raise ValueError(f"RIM setting {name}={amount!r} is invalid: it must be >= 0")
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+            raise ValueError(f"RIM setting input_size={input_size!r} is invalid: it must be a positive integer")
+        unknown = set(settings) - {f.name for f in dataclasses.fields(RIMConfig)}
+        if unknown:
+            raise TypeError(f"unknown RIM settings {sorted(unknown)}: see rim_agents.config.RIMConfig")
+        config = dataclasses.replace(config or RIMConfig(), **settings)
+        self.config = config
+        num_units, k_active, unit_size, cell = config.num_units, config.k_active, config.unit_size, config.cell
+        input_heads, input_key_size, input_query_bias = (
+            config.input_heads,
+            config.input_key_size,
+            config.input_query_bias,
+        )
+        input_value_size = config.value_width
+        comm_heads, comm_key_size = config.comm_heads, config.comm_key_size
+        comm_value_size = config.comm_value_size if config.comm_value_size is not None else comm_key_size
+        input_attention, communication, comm_gate = config.input_attention, config.communication, config.comm_gate
+        input_dropout, comm_dropout, mask_output = config.input_dropout, config.comm_dropout, config.mask_output
+        selection, selection_temperature = config.selection, config.selection_temperature
+        selection_noise, balance_coef, k_anneal = config.selection_noise, config.balance_coef, config.k_anneal
 
         self.input_size = input_size
         self.num_units = num_units
@@ -244,7 +157,7 @@ class RIMCell(nn.Module):
         self.k_anneal = float(k_anneal)
         self.k_now = self.k_active  # the k in force (see set_progress)
         self.unit_size = unit_size
-        self.cell_type: CellType = cell
+        self.cell_type: CellType = cell  # type: ignore[assignment]
         self.input_heads = input_heads
         self.input_key_size = input_key_size
         self.input_value_size = input_value_size
@@ -258,7 +171,7 @@ class RIMCell(nn.Module):
         self.input_dropout = float(input_dropout)
         self.comm_dropout = float(comm_dropout)
         self.mask_output = mask_output
-        self.selection: Selection = selection
+        self.selection: Selection = selection  # type: ignore[assignment]
         self.selection_temperature = float(selection_temperature)
         self.selection_noise = float(selection_noise)
         self.balance_coef = float(balance_coef)
@@ -574,9 +487,9 @@ class RIMCore(nn.Module):
 
     num_layers = 1
 
-    def __init__(self, input_size: int, **kwargs: object) -> None:
+    def __init__(self, input_size: int, config: RIMConfig | None = None, **settings: Any) -> None:
         super().__init__()
-        self.cell = RIMCell(input_size, **kwargs)  # type: ignore[arg-type]
+        self.cell = RIMCell(input_size, config, **settings)
         self.track_activity = False
         self.last_activity: dict[str, th.Tensor] = {}
         # Balance-loss values of the training unrolls since the trainer last read them.

@@ -332,13 +332,17 @@ def test_pickup_cue_shows_the_target_for_cue_steps_only(cue_steps: int) -> None:
     hidden = [len(TYPES), len(COLOURS)]
     shown = [TYPES.index(env.target[0]), COLOURS.index(env.target[1])]
     targets = [obs["target"].tolist()]
+    images = [obs["image"]]
     missions = [env.mission]
     for _ in range(5):
         obs, _, terminated, truncated, _ = env.step(0)  # turning never ends the episode
         assert not (terminated or truncated)
         targets.append(obs["target"].tolist())
+        images.append(obs["image"])
         missions.append(env.mission)
     assert targets == [shown] * cue_steps + [hidden] * (6 - cue_steps)
+    # The room is dark exactly while the cue is shown.
+    assert [bool((image[..., 0] == UNSEEN).all()) for image in images] == [True] * cue_steps + [False] * (6 - cue_steps)
     assert all(obs_target in env.observation_space["target"] for obs_target in np.array(targets))
     assert missions[cue_steps:] == ["pick up the object you were shown"] * (6 - cue_steps)
     # The task itself is unchanged: picking the target still succeeds after the cue is gone.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rim_agents import RIMPPO, RIMCore, RIMPolicy
+from rim_agents.config import RIMConfig
 from rim_agents.cores import FeedForwardCore, GRUCore, unroll
 from rim_agents.extractors import NatureCNNTokens
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
@@ -422,8 +424,10 @@ def test_same_seed_same_training() -> None:
 def test_policy_constructor_parameters_round_trip() -> None:
     model = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", enable_critic_lstm=False))
     params = model.policy._get_constructor_parameters()
-    resolved = {**SMALL_RIMS, "input_query_bias": True, "input_dropout": 0.0, "comm_dropout": 0.0}
+    # Every RIM setting is resolved and saved (RIMConfig's defaults: query bias on, no dropout).
+    resolved = dataclasses.asdict(RIMConfig(**SMALL_RIMS))
     assert params["core"] == "rims" and params["core_kwargs"] == resolved
+    assert resolved["input_query_bias"] is True and resolved["input_dropout"] == resolved["comm_dropout"] == 0.0
     assert params["enable_critic_lstm"] is False
     clone = RIMPolicy(**copy.deepcopy(params))
     assert clone.lstm_actor.hidden_size == model.policy.lstm_actor.hidden_size

@@ -176,7 +176,7 @@ def test_exactly_k_active_and_least_null_attention(tokens: bool, cell: str) -> N
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_dormant_state_carried_bit_for_bit(cell: str) -> None:
-    core = make_core(cell=cell).train()  # dropout on: still no change to dormant RIMs
+    core = make_core(cell=cell, input_dropout=0.1, comm_dropout=0.1).train()  # dropout: still no change to dormant RIMs
     core.track_activity = True
     K, d_h = core.cell.num_units, core.cell.unit_size
     h, c = random_state(core, 6)
@@ -441,12 +441,12 @@ def test_mask_output_zeroes_dormant_rims_in_output_only() -> None:
 def test_same_seed_same_output_with_dropout() -> None:
     results = []
     for _ in range(2):
-        core = make_core(seed=7).train()
+        core = make_core(seed=7, input_dropout=0.1, comm_dropout=0.1).train()
         th.manual_seed(11)
         x = th.randn(6, 3, D_IN)
         results.append(core(x)[0])
     assert th.equal(results[0], results[1])
-    core = make_core(seed=8).train()
+    core = make_core(seed=8, input_dropout=0.1, comm_dropout=0.1).train()
     th.manual_seed(11)
     assert not th.equal(core(th.randn(6, 3, D_IN))[0], results[0])
 
@@ -652,3 +652,19 @@ def test_annealed_k_schedule_and_exactly_k_now_active() -> None:
     assert make_core(k_active=2).cell.set_progress(0.0) == 2  # no annealing
     with pytest.raises(ValueError, match=r"k_anneal=1\.5"):
         make_core(k_anneal=1.5)
+
+
+def test_one_set_of_rim_settings() -> None:
+    """RIMCell's settings are RIMConfig's: a config, keywords over it, and the same defaults."""
+    from rim_agents.config import RIMConfig
+
+    settings = RIMConfig(num_units=5, k_active=3, unit_size=8, input_key_size=6, comm_key_size=4, comm_heads=2)
+    by_config = RIMCore(D_IN, settings).cell
+    by_keywords = make_core().cell
+    assert by_config.config == by_keywords.config == settings
+    assert RIMCore(D_IN, settings, k_active=2).cell.k_active == 2
+    assert RIMCore(D_IN).cell.config == RIMConfig()
+    with pytest.raises(ValueError, match="k_active=9"):  # checked when made
+        RIMConfig(k_active=9)
+    with pytest.raises(TypeError, match=r"unknown RIM settings \['bogus'\]"):
+        make_core(bogus=1)

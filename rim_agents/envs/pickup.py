@@ -76,10 +76,13 @@ class PickupEnv(MiniGridEnv):
     ## Memory variant
 
     With ``cue_steps=N`` the target is shown (in ``target`` and in the mission) only in the first
-    ``N`` observations of an episode (the one from ``reset`` and ``N - 1`` more) and hidden
-    afterwards: ``target`` reads ``(3, 6)``, one past the last type and colour, and the mission
-    "pick up the object you were shown". The objects stay visible, so an agent must remember which
-    one it was asked for; a memoryless policy is left with a guess among the objects it sees.
+    ``N`` observations of an episode (the one from ``reset`` and ``N - 1`` more), during which the
+    room is dark (every cell "unseen"), and hidden afterwards: ``target`` reads ``(3, 6)``, one past
+    the last type and colour, and the mission "pick up the object you were shown". The objects are
+    then visible, so an agent must remember which one it was asked for; a memoryless policy is left
+    with a guess among the objects it sees. (With the room visible during the cue, a memoryless
+    agent reached 0.71 training success against a chance of 0.5: it turned towards the target on
+    the cue and then picked up what was in front of it.)
     ``cue_steps=None`` (the default) shows the target throughout.
 
     ## Observation Space
@@ -254,6 +257,10 @@ class PickupEnv(MiniGridEnv):
         image = self.egocentric_view()
         if self.view_size < VIEW:
             image[self._hidden] = (UNSEEN, 0, 0)
+        if self.cue_steps is not None and self.cue_shown:
+            # The room is dark while the cue is shown: a memoryless agent cannot use the cue to
+            # turn towards the target and then pick up whatever is in front of it.
+            image[...] = (UNSEEN, 0, 0)
         if self.cue_shown:
             target = self._target_obs.copy()
             self.mission = f"pick up the {self.target[1]} {self.target[0]}"
