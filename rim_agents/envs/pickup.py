@@ -80,9 +80,9 @@ class PickupEnv(MiniGridEnv):
     room is dark (every cell "unseen"), and hidden afterwards: ``target`` reads ``(3, 6)``, one past
     the last type and colour, and the mission "pick up the object you were shown". The objects are
     then visible, so an agent must remember which one it was asked for; a memoryless policy is left
-    with a guess among the objects it sees. (With the room visible during the cue, a memoryless
-    agent reached 0.71 training success against a chance of 0.5: it turned towards the target on
-    the cue and then picked up what was in front of it.)
+    with a guess among the objects it sees. (With the room visible during the cue, feed-forward PPO
+    reached 0.61 to 0.71 training success between 250k and 339k steps against a chance of 0.5: the
+    cue can steer the first action towards the target.)
     ``cue_steps=None`` (the default) shows the target throughout.
 
     ## Observation Space
