@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch as th
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ Selection = Literal["hard", "straight_through"]
 SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
-__all__ = ["RIMCell", "RIMCore", "StepInput"]
+__all__ = ["RIMCell", "RIMCore", "StepInput", "StepOutput"]
 
 
 def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
@@ -52,6 +52,16 @@ def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     with th.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+class StepOutput(NamedTuple):
+    """One step's results, on the internal layout."""
+
+    h: th.Tensor  # (K, B, d_h), the new hidden state
+    c: th.Tensor  # (K, B, d_h), the new cell state (the GRU returns its input unchanged)
+    mask: th.Tensor | None  # (K, B) active RIMs; None when every RIM is active
+    null_attention: th.Tensor | None  # (K, B) head-averaged attention on the null token
+    token_attention: th.Tensor | None  # (K, B, N) on the real tokens; None for one input vector
 
 
 class AddAuxiliaryLoss(th.autograd.Function):
@@ -400,17 +410,12 @@ class RIMCell(nn.Module):
             update = update * th.sigmoid(th.baddbmm(self.comm_gate_bias, out, self.comm_gate_weight))
         return update
 
-    def step(
-        self, inp: StepInput, h: th.Tensor, c: th.Tensor
-    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None, th.Tensor | None]:
+    def step(self, inp: StepInput, h: th.Tensor, c: th.Tensor) -> StepOutput:
         """One step on the internal layout.
 
         :param inp: the step's input terms (see :meth:`prepare`).
         :param h: previous hidden state ``(K, B, d_h)``.
         :param c: previous cell state ``(K, B, d_h)`` (ignored and returned unchanged by the GRU).
-        :return: ``h_t``, ``c_t``, the ``(K, B)`` active mask (None when every RIM is active), the
-            head-averaged attention on the null token ``(K, B)`` and on the real tokens
-            ``(K, B, N)`` (None where not computed; see :meth:`_attend_input`).
         """
         null_att = token_att = None
         if self.input_attention:
@@ -423,7 +428,8 @@ class RIMCell(nn.Module):
         if null_att is not None and self.k_now < self.num_units:
             mask = self._top_k_mask(null_att)
         if mask is None:
-            return (self._communicate(h_new) if self.communication else h_new), c_new, mask, null_att, token_att
+            h_out = self._communicate(h_new) if self.communication else h_new
+            return StepOutput(h_out, c_new, mask, null_att, token_att)
         m = mask.unsqueeze(-1)
         # Masked write. A dormant RIM's tentative state is its previous state, copied exactly.
         h_tent = th.where(m, h_new, h)
@@ -439,7 +445,7 @@ class RIMCell(nn.Module):
             h_tent = h_tent + g * (h_new - h)
             if self.cell_type == "lstm":
                 c_out = c_out + g * (c_new - c)
-        return h_tent, c_out, mask, null_att, token_att
+        return StepOutput(h_tent, c_out, mask, null_att, token_att)
 
     def initial_state(self, batch_size: int, device: th.device | str | None = None) -> State:
         """Zero state ``(h, c)``, each ``(1, batch_size, K * d_h)``."""
