@@ -24,8 +24,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from rim_agents.config import load_config
 from rim_agents.envs import make_vec_env
-from rim_agents.evaluation import run_episodes
 from rim_agents.models import make_env
+from rim_agents.rollout import run_episodes
 from rim_agents.shifts import shift_spec
 from rim_agents.training import train
 

@@ -195,8 +195,9 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
     """Evaluate one run's final model and write its result (runs in its own one-thread process)."""
     import torch as th
 
-    from rim_agents.evaluation import resolve_checkpoint, run_episodes
+    from rim_agents.evaluation import resolve_checkpoint
     from rim_agents.models import make_env
+    from rim_agents.rollout import run_episodes
     from rim_agents.runs import load_run_config
     from rim_agents.shifts import shift_spec
 
@@ -251,7 +252,7 @@ def random_baseline(task_name: str, episodes: int = 100, seed: int = 2_000_000) 
 
 # ------------------------------------------------------------------------------------- summary
 def summarise(results: list[dict], runs: Path, out: Path) -> dict:
-    from rim_agents.evaluation import bootstrap_ci, iqm
+    from rim_agents.stats import bootstrap_ci, iqm
 
     summary: dict[str, Any] = {"runs": results, "groups": []}
     lines = ["| task | core | seeds | IQM [95% CI] | passing | bar | per-seed (seed: value) | mean wall min |"]

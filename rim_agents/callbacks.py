@@ -11,10 +11,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 
 from rim_agents.config import TrainConfig
-from rim_agents.evaluation import run_episodes
 from rim_agents.models import make_env
 from rim_agents.policy import RIMPolicy
 from rim_agents.rim import RIMCore
+from rim_agents.rollout import run_episodes
 from rim_agents.runs import checkpoint_path, save_model
 from rim_agents.shifts import shift_spec
 from rim_agents.visualize import action_names, gif_bytes, record_episode, write_tensorboard_gif

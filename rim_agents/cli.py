@@ -17,15 +17,9 @@ from typing import NoReturn
 
 from rim_agents.config import load_config
 from rim_agents.errors import UsageError
-from rim_agents.evaluation import (
-    check_spaces,
-    evaluate,
-    format_table,
-    resolve_checkpoint,
-    write_outputs,
-    write_tensorboard,
-)
+from rim_agents.evaluation import check_spaces, evaluate, resolve_checkpoint
 from rim_agents.models import make_env
+from rim_agents.report import format_table, write_outputs, write_tensorboard
 from rim_agents.runs import atomic_write_bytes, atomic_write_text, latest_checkpoint, load_run_config
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec

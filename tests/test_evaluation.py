@@ -12,8 +12,9 @@ import yaml
 from rim_agents.cli import evaluate_main
 from rim_agents.config import load_config
 from rim_agents.errors import UsageError
-from rim_agents.evaluation import bootstrap_ci, evaluate, iqm, stratified_bootstrap_iqm
+from rim_agents.evaluation import evaluate
 from rim_agents.runs import FINAL_MODEL
+from rim_agents.stats import bootstrap_ci, iqm, stratified_bootstrap_iqm
 from rim_agents.training import train
 
 TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1", "checkpoint_freq=0"]

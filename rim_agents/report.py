@@ -1,0 +1,172 @@
+"""Evaluation reports: the console table, ``results.json``, ``results.csv``, ``chart.png`` and the
+runs' TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rim_agents.runs import atomic_write_bytes, atomic_write_text
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = []
+    for r in results["checkpoints"]:
+        lines.append(f"{r['checkpoint']}  ({r['env']}, core {r['core']}, seed {r['seed']}, {r['num_timesteps']} steps)")
+        lines.append(f"  {'shift':<28}{'mean return':>12}{'95% CI':>22}{'success':>9}{'length':>9}{'drop':>9}")
+        for name, s in r["shifts"].items():
+            succ = f"{s['success_rate']:.2f}" if s["success_rate"] is not None else "-"
+            ci = f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+            lines.append(
+                f"  {name:<28}{s['mean_return']:>12.2f}{ci:>22}{succ:>9}{s['mean_length']:>9.1f}{s['drop']:>9.2f}"
+            )
+    if results["groups"]:
+        lines.append("")
+        lines.append("Aggregated over seeds (IQM; 95% stratified bootstrap CI over seeds, over episodes for one seed):")
+        w = max(16, *(len(g["label"]) + 2 for g in results["groups"]))
+        lines.append(f"  {'group':<{w}}{'seeds':>6}  {'shift':<28}{'IQM return':>11}{'95% CI':>22}{'IQM success':>12}")
+        for g in results["groups"]:
+            for name, s in g["shifts"].items():
+                ci = f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+                succ = f"{s['iqm_success']:.2f}" if "iqm_success" in s else "-"
+                lines.append(
+                    f"  {g['label']:<{w}}{len(g['seeds']):>6}  {name:<28}{s['iqm_return']:>11.2f}{ci:>22}{succ:>12}"
+                )
+    return "\n".join(lines)
+
+
+def _csv_text(results: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        [
+            "kind",
+            "name",
+            "env",
+            "core",
+            "seed",
+            "shift",
+            "episodes",
+            "mean_return",
+            "ci_low",
+            "ci_high",
+            "success_rate",
+            "mean_length",
+            "drop",
+        ]
+    )
+    for r in results["checkpoints"]:
+        for name, s in r["shifts"].items():
+            writer.writerow(
+                [
+                    "checkpoint",
+                    r["checkpoint"],
+                    r["env"],
+                    r["core"],
+                    r["seed"],
+                    name,
+                    s["episodes"],
+                    s["mean_return"],
+                    s["ci95"][0],
+                    s["ci95"][1],
+                    s["success_rate"],
+                    s["mean_length"],
+                    s["drop"],
+                ]
+            )
+    for g in results["groups"]:
+        for name, s in g["shifts"].items():
+            writer.writerow(
+                [
+                    "group_iqm",
+                    g["label"],
+                    g["env"],
+                    g["core"],
+                    " ".join(map(str, g["seeds"])),
+                    name,
+                    "",
+                    s["iqm_return"],
+                    s["ci95"][0],
+                    s["ci95"][1],
+                    s.get("iqm_success"),
+                    "",
+                    s["iqm_drop"],
+                ]
+            )
+    return buf.getvalue()
+
+
+def chart_png(results: dict[str, Any]) -> bytes:
+    """Bars of IQM return per group (core) and shift, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = results["groups"]
+    shift_names = list(dict.fromkeys(name for g in groups for name in g["shifts"]))
+    use_success = all("iqm_success" in s for g in groups for s in g["shifts"].values())
+    n_bars = len(shift_names) * max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.3 * n_bars + 2)), 4.0))
+    width = 0.8 / max(1, len(groups))
+    x = np.arange(len(shift_names))
+    for k, g in enumerate(groups):
+        key, ci_key = ("iqm_success", "success_ci95") if use_success else ("iqm_return", "ci95")
+        vals = np.array([g["shifts"].get(n, {}).get(key, np.nan) for n in shift_names], dtype=float)
+        cis = np.array([g["shifts"].get(n, {}).get(ci_key, [np.nan, np.nan]) for n in shift_names], dtype=float)
+        err = np.abs(np.stack([vals - cis[:, 0], cis[:, 1] - vals]))
+        ax.bar(
+            x + (k - (len(groups) - 1) / 2) * width,
+            vals,
+            width,
+            yerr=err,
+            capsize=3,
+            label=f"{g['label']} ({len(g['seeds'])} seeds)",
+        )
+    ax.set_xticks(x, shift_names, rotation=20, ha="right")
+    ax.set_ylabel("IQM success rate" if use_success else "IQM return")
+    ax.set_title(f"{groups[0]['env']}: robustness to shifts (95% CI)" if groups else "")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    # Below the axes, so that it never hides a bar.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(groups) > 1 else 1, fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``results.json``, ``results.csv`` and ``chart.png``, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.json", out_dir / "results.csv", out_dir / "chart.png"]
+    atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
+    atomic_write_text(paths[1], _csv_text(results))
+    atomic_write_bytes(paths[2], chart_png(results))
+    return paths
+
+
+def write_tensorboard(results: dict[str, Any]) -> list[str]:
+    """The same scalars in each run's TensorBoard, ``evaluate/<shift>/...`` at the checkpoint's step
+    (training-time evaluations log ``eval/<shift>/...``). Returns one line per run that could
+    not be written (a read-only run directory), instead of failing after the results are saved."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    problems = []
+    for r in results["checkpoints"]:
+        try:
+            writer = SummaryWriter(str(Path(r["run_dir"]) / "tb"))
+            for name, s in r["shifts"].items():
+                writer.add_scalar(f"evaluate/{name}/mean_return", s["mean_return"], r["num_timesteps"])
+                writer.add_scalar(f"evaluate/{name}/mean_length", s["mean_length"], r["num_timesteps"])
+                if s["success_rate"] is not None:
+                    writer.add_scalar(f"evaluate/{name}/success_rate", s["success_rate"], r["num_timesteps"])
+            writer.close()
+        except OSError as e:
+            problems.append(f"{r['run_dir']}: {e.strerror or e}")
+    return problems
