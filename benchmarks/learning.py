@@ -55,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rim_agents.runs import FINAL_MODEL, latest_checkpoint  # noqa: E402 (after the path line)
+
 RESULTS = ROOT / "benchmarks" / "results" / "learning"
 RUNS = ROOT / "runs" / "learning"
 EVAL_SEED_BASE = 1_000_000
@@ -148,9 +150,8 @@ def train_and_evaluate(task_name: str, core: str, seed: int, runs: Path, episode
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     train = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--total-timesteps", str(task.steps)]
     started = time.time()
-    if not (run / "final_model.zip").is_file():
-        has_checkpoint = any((run / "checkpoints").glob("step_*.zip")) if run.is_dir() else False
-        if has_checkpoint:
+    if not (run / FINAL_MODEL).is_file():
+        if run.is_dir() and latest_checkpoint(run) is not None:
             cmd = [*train, "--resume", str(run)]
         else:
             if run.exists() and any(run.iterdir()):  # a start that died before its first checkpoint
@@ -209,7 +210,7 @@ def evaluate_run(run: Path, task_name: str, episodes: int) -> None:
     result["train_last"] = last_training_value(run, task.curve)
     eval_seed = EVAL_SEED_BASE + 1000 * config.seed
     if not task.train_metric:
-        ckpt = resolve_checkpoint(run / "final_model.zip", device="cpu")
+        ckpt = resolve_checkpoint(run / FINAL_MODEL, device="cpu")
         th.manual_seed(eval_seed)
         env = make_env(config, 8, eval_seed, shift_spec(config, "none"))
         eps = run_episodes(ckpt.model, env, episodes)

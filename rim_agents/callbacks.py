@@ -15,7 +15,7 @@ from rim_agents.models import make_env
 from rim_agents.policy import RIMPolicy
 from rim_agents.rim import RIMCore
 from rim_agents.rollout import run_episodes
-from rim_agents.runs import checkpoint_path, save_model
+from rim_agents.runs import TB_DIR, checkpoint_path, save_model
 from rim_agents.shifts import shift_spec
 from rim_agents.visualize import action_names, gif_bytes, record_episode, write_tensorboard_gif
 
@@ -113,7 +113,7 @@ class VideoCallback(BaseCallback):
         frame = episode.frames[0]
         gif = gif_bytes(episode, action_names(self.config))
         write_tensorboard_gif(
-            self.run_dir / "tb", "video/episode", gif, frame.shape[0], frame.shape[1], self.num_timesteps
+            self.run_dir / TB_DIR, "video/episode", gif, frame.shape[0], frame.shape[1], self.num_timesteps
         )
         return True
 

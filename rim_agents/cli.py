@@ -20,7 +20,14 @@ from rim_agents.errors import UsageError
 from rim_agents.evaluation import check_spaces, evaluate, resolve_checkpoint
 from rim_agents.models import make_env
 from rim_agents.report import format_table, write_outputs, write_tensorboard
-from rim_agents.runs import atomic_write_bytes, atomic_write_text, latest_checkpoint, load_run_config
+from rim_agents.runs import (
+    TB_DIR,
+    VIDEO_DIR,
+    atomic_write_bytes,
+    atomic_write_text,
+    latest_checkpoint,
+    load_run_config,
+)
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
 from rim_agents.training import Interrupted, train
@@ -275,7 +282,7 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
                 check_spaces(ckpt, env, name)
             finally:
                 env.close()
-        out = Path(args.out) if args.out else ckpt.run_dir / "videos"
+        out = Path(args.out) if args.out else ckpt.run_dir / VIDEO_DIR
         _prepare_out(out, args.force)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -308,7 +315,7 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
                 frame = episode.frames[0]
                 try:
                     write_tensorboard_gif(
-                        ckpt.run_dir / "tb", f"visualize/{name}", gif, frame.shape[0], frame.shape[1], step
+                        ckpt.run_dir / TB_DIR, f"visualize/{name}", gif, frame.shape[0], frame.shape[1], step
                     )
                 except OSError as e:
                     print(f"warning: not written to TensorBoard in {ckpt.run_dir}: {e.strerror or e}", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rim_agents.runs import atomic_write_bytes, atomic_write_text
+from rim_agents.runs import TB_DIR, atomic_write_bytes, atomic_write_text
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -160,7 +160,7 @@ def write_tensorboard(results: dict[str, Any]) -> list[str]:
     problems = []
     for r in results["checkpoints"]:
         try:
-            writer = SummaryWriter(str(Path(r["run_dir"]) / "tb"))
+            writer = SummaryWriter(str(Path(r["run_dir"]) / TB_DIR))
             for name, s in r["shifts"].items():
                 writer.add_scalar(f"evaluate/{name}/mean_return", s["mean_return"], r["num_timesteps"])
                 writer.add_scalar(f"evaluate/{name}/mean_length", s["mean_length"], r["num_timesteps"])

@@ -32,6 +32,10 @@ from rim_agents.config import TrainConfig, config_from_dict
 from rim_agents.errors import UsageError
 
 CONFIG_FILE = "config.yaml"
+COMMAND_FILE = "command.txt"
+VERSIONS_FILE = "versions.json"
+TB_DIR = "tb"
+VIDEO_DIR = "videos"  # visualize.py's default output
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "final_model.zip"
 LOCK_FILE = ".lock"
@@ -173,7 +177,7 @@ class RunLock:
 
 def purge_progress(tb_dir: Path, step: int) -> None:
     """Drop rows logged after ``step`` from the run's progress CSVs (rewritten atomically)."""
-    for path in sorted(tb_dir.glob("progress*.csv")):
+    for path in sorted(tb_dir.glob("progress*.csv")):  # SB3's CSV, one per (re)start
         with path.open(newline="") as f:
             rows = list(csv.reader(f))
         if not rows or "time/total_timesteps" not in rows[0]:

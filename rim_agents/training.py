@@ -34,9 +34,12 @@ from rim_agents.models import DamagedCheckpoint, build_model, check_config, load
 from rim_agents.ppo import RIMPPO
 from rim_agents.runs import (
     CHECKPOINT_DIR,
+    COMMAND_FILE,
     CONFIG_FILE,
     FINAL_MODEL,
     LOCK_FILE,
+    TB_DIR,
+    VERSIONS_FILE,
     RunLock,
     atomic_write_text,
     checkpoint_path,
@@ -190,14 +193,14 @@ def _train_locked(
 
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     cmd = shlex.join(command or sys.argv)
-    with open(run_dir / "command.txt", "a") as f:
+    with open(run_dir / COMMAND_FILE, "a") as f:
         f.write(("resume: " if resume else "") + cmd + "\n")
-    atomic_write_text(run_dir / "versions.json", json.dumps(versions(), indent=2) + "\n")
+    atomic_write_text(run_dir / VERSIONS_FILE, json.dumps(versions(), indent=2) + "\n")
     # A resumed run writes a CSV of its own beside the first (SB3 would truncate progress.csv);
     # points logged after the checkpoint it resumes from (by a process that was killed) are
     # dropped from the earlier CSVs and, through purge_step, from TensorBoard.
     suffix = f"_resume{model.num_timesteps}" if resume else ""
-    tb_dir = run_dir / "tb"
+    tb_dir = run_dir / TB_DIR
     tensorboard = make_output_format("tensorboard", str(tb_dir))
     if resume:
         purge_progress(tb_dir, model.num_timesteps)
