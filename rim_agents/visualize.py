@@ -102,8 +102,10 @@ def _mission(env: VecEnv) -> str:
 
 
 def _events(
-    family: str, info: dict[str, Any], reward: float, done: bool, obs: Any, lives: int | None, cue: bool
+    family: str, info: dict[str, Any], reward: float, done: bool, seen: Any, lives: int | None, cue: bool
 ) -> set[str]:
+    """The events of one step: what the step brought (reward, lost life, pickup, done) and, on the
+    memory variant, whether the observation the agent acted on (``seen``) showed the cue."""
     events = set()
     if reward != 0:
         events.add("reward")
@@ -113,9 +115,9 @@ def _events(
         events.add("picked-target")
     if info.get("picked_wrong"):
         events.add("picked-other")
-    if isinstance(obs, dict) and "target" in obs and cue:
+    if isinstance(seen, dict) and "target" in seen and cue:
         # The memory variant hides the target with indices one past the last.
-        hidden = bool(np.all(np.asarray(obs["target"])[0] >= [3, 6]))
+        hidden = bool(np.all(np.asarray(seen["target"])[0] >= [3, 6]))
         events.add("target-hidden" if hidden else "target-shown")
     if done:
         events.add("done")
@@ -163,11 +165,12 @@ def record_episode(model: Any, config: TrainConfig, env: VecEnv, seed: int = 0, 
                     episode.attention.append(activity["input_attention"][0, 0].cpu().numpy())
                 if "communication" in activity:
                     episode.communication.append(activity["communication"][0, 0].cpu().numpy())
+            seen = obs  # the cue events describe what the agent acted on
             obs, rewards, dones, infos = env.step(action)
             reward = float(rewards[0])
             episode.actions.append(action[0])
             episode.rewards.append(reward)  # Atari: the clipped reward the agent trains on
-            episode.events.append(_events(family, infos[0], reward, bool(dones[0]), obs, lives, cue))
+            episode.events.append(_events(family, infos[0], reward, bool(dones[0]), seen, lives, cue))
             lives = infos[0].get("lives", lives)
             start = dones
             if "episode" in infos[0]:  # the game is over (a lost life is a done, not the end)
