@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch as th
@@ -44,7 +43,7 @@ Selection = Literal["hard", "straight_through"]
 SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
-__all__ = ["RIMCell", "RIMCore", "StepInput", "StepOutput"]
+__all__ = ["DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]
 
 
 def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
@@ -81,12 +80,25 @@ class AddAuxiliaryLoss(th.autograd.Function):
         return grad, grad.new_ones(ctx.loss_shape)
 
 
-@dataclass
-class StepInput:
-    """Input-dependent terms of one or more steps, prepared outside the recurrent loop.
+def _unbind(t: th.Tensor | None, steps: int) -> list[th.Tensor | None]:
+    """Per-step views of a time-first tensor (``unbind``, not indexing, keeps the backward pass
+    linear in ``T``: an indexed slice's gradient fills a buffer of the whole sequence at every step)."""
+    return list(t.unbind(0)) if t is not None else [None] * steps
 
-    Leading dims ``L`` are the time steps (or none, for one step). ``G*d_h`` is the width of all
-    gates of a cell. Single-vector input with input attention (``tokens is False``):
+
+class DirectInput(NamedTuple):
+    """No input attention (the ablation): the input (the mean of the tokens for token input)
+    mapped by every RIM's cell input weights, bias included: ``(*L, K, B, G*d_h)``, with ``L`` the
+    time steps (none for one step) and ``G*d_h`` the width of all gates of a cell."""
+
+    gate_proj: th.Tensor
+
+    def unbind(self) -> list[DirectInput]:
+        return [DirectInput(g) for g in self.gate_proj.unbind(0)]
+
+
+class VectorInput(NamedTuple):
+    """Input attention over one vector per step (and the null token), folded before the loop.
 
     * ``score_proj``: ``W_q,i k_h / sqrt(d_k)``, so that RIM ``i``'s score for head ``h`` is
       ``h_i . score_proj[i, :, :, h] + score_bias[i, :, h]``: ``(*L, K, B, d_h)`` for one head, else
@@ -95,35 +107,36 @@ class StepInput:
       ``(*L, K, B, H)``; None without a query bias.
     * ``gate_proj``: head ``h``'s value mapped by RIM ``i``'s cell input weights, so that the cell's
       input is ``sum_h p_ih gate_proj[i, :, h]``: ``(*L, K, B, G*d_h)`` for one head, else
-      ``(*L, K, B, H, G*d_h)``. Without input attention it is the input (the mean of the tokens)
-      mapped by every RIM's cell input weights, bias included: ``(*L, K, B, G*d_h)``.
-
-    Token input: ``keys`` ``(*L, B, N, H, d_k)`` and ``values`` ``(*L, B, N, H, d_v)``.
-
-    ``bias`` ``(K, B, G*d_h)`` is the cell's input bias, broadcast once per call (not per step).
+      ``(*L, K, B, H, G*d_h)``.
+    * ``bias``: ``(K, B, G*d_h)``, the cell's input bias, broadcast once per call (not per step).
     """
 
-    tokens: bool
-    score_proj: th.Tensor | None = None
-    score_bias: th.Tensor | None = None
-    gate_proj: th.Tensor | None = None
-    keys: th.Tensor | None = None
-    values: th.Tensor | None = None
-    bias: th.Tensor | None = None
+    score_proj: th.Tensor
+    score_bias: th.Tensor | None
+    gate_proj: th.Tensor
+    bias: th.Tensor
 
-    def unbind(self) -> list[StepInput]:
-        """Split a sequence's terms into per-step terms.
+    def unbind(self) -> list[VectorInput]:
+        T = self.score_proj.shape[0]
+        steps = zip(self.score_proj.unbind(0), _unbind(self.score_bias, T), self.gate_proj.unbind(0), strict=True)
+        return [VectorInput(sp, sb, gp, self.bias) for sp, sb, gp in steps]
 
-        ``unbind`` (not indexing) keeps the backward pass linear in ``T``: the gradient of an
-        indexed slice would allocate and fill a buffer of the whole sequence at every step.
-        """
-        fields = [self.score_proj, self.score_bias, self.gate_proj, self.keys, self.values]
-        T = next(f for f in fields if f is not None).shape[0]
-        split = [list(f.unbind(0)) if f is not None else [None] * T for f in fields]
-        return [
-            StepInput(self.tokens, score_proj=sp, score_bias=sb, gate_proj=gp, keys=k, values=v, bias=self.bias)
-            for sp, sb, gp, k, v in zip(*split, strict=True)
-        ]
+
+class TokenInput(NamedTuple):
+    """Input attention over a set of tokens per step (spatial attention): ``keys``
+    ``(*L, B, N, H, d_k)``, ``values`` ``(*L, B, N, H, d_v)``, and the cell's input ``bias``
+    ``(K, B, G*d_h)``."""
+
+    keys: th.Tensor
+    values: th.Tensor
+    bias: th.Tensor
+
+    def unbind(self) -> list[TokenInput]:
+        return [TokenInput(k, v, self.bias) for k, v in zip(self.keys.unbind(0), self.values.unbind(0), strict=True)]
+
+
+#: What :meth:`RIMCell.prepare` makes and :meth:`RIMCell.step` consumes, one type per input kind.
+PreparedInput = DirectInput | VectorInput | TokenInput
 
 
 class RIMCell(nn.Module):
@@ -260,13 +273,13 @@ class RIMCell(nn.Module):
         )
 
     # ------------------------------------------------------------------ input terms
-    def prepare(self, x: th.Tensor, tokens: bool) -> StepInput:
+    def prepare(self, x: th.Tensor, tokens: bool) -> PreparedInput:
         """Compute the input-dependent terms of every step in one batch of matrix products.
 
         :param x: ``(T, B, d_in)`` (one vector per step) or ``(T, B, N, d_in)`` (tokens).
         :param tokens: whether ``x`` holds tokens.
-        :return: the terms the step consumes, see :class:`StepInput`; every tensor is contiguous in
-            the layout the step reads.
+        :return: the terms the step consumes (:class:`DirectInput`, :class:`VectorInput` or
+            :class:`TokenInput`); every tensor is contiguous in the layout the step reads.
         """
         H, K, B = self.input_heads, self.num_units, x.shape[1]
         bias = self.bias_ih if self.cell_type == "gru" else self.bias_ih + self.bias_hh
@@ -274,12 +287,12 @@ class RIMCell(nn.Module):
             inp = x.mean(dim=-2) if tokens else x
             # (T, B, d_in) x (K, d_in, G*d_h) -> (T, K, B, G*d_h), bias folded in.
             gate_proj = th.einsum("tbi,kig->tkbg", inp, self.weight_ih) + bias
-            return StepInput(False, gate_proj=gate_proj.contiguous())
+            return DirectInput(gate_proj.contiguous())
         bias = bias.expand(K, B, bias.shape[-1]).contiguous()
         keys = self.input_key(x).unflatten(-1, (H, self.input_key_size))
         values = self.input_value(x).unflatten(-1, (H, self.input_value_size // H))
         if tokens:
-            return StepInput(True, keys=keys, values=values, bias=bias)
+            return TokenInput(keys, values, bias)
         # Fold each RIM's query map into the keys: score_ih = h_i . (W_q,i[:, h] k_h) / sqrt(d_k).
         w_q = self.input_query.unflatten(-1, (H, self.input_key_size)) * (self.input_key_size**-0.5)
         score_proj = th.einsum("tbhe,kdhe->tkbdh", keys, w_q)
@@ -292,43 +305,36 @@ class RIMCell(nn.Module):
         gate_proj = th.einsum("tbhv,khvg->tkbhg", values, w_ih)
         if H == 1:
             score_proj, gate_proj = score_proj.squeeze(-1), gate_proj.squeeze(-2)
-        return StepInput(
-            False,
-            score_proj=score_proj.contiguous(),
-            score_bias=score_bias,
-            gate_proj=gate_proj.contiguous(),
-            bias=bias,
-        )
+        return VectorInput(score_proj.contiguous(), score_bias, gate_proj.contiguous(), bias)
 
     # ------------------------------------------------------------------ one step
-    def _attend_input(self, inp: StepInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """Input attention for one step.
+    def _attend_tokens(self, inp: TokenInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Input attention over tokens for one step.
 
         :param h: previous state ``(K, B, d_h)``.
         :return: the cell's input pre-activation ``(K, B, G*d_h)`` (input bias included), the
-            attention on the null token averaged over heads ``(K, B)``, and for token input the
-            head-averaged attention on the real tokens ``(K, B, N)`` (None for one input vector,
-            where it is one minus the null attention).
+            attention on the null token averaged over heads ``(K, B)``, and the head-averaged
+            attention on the real tokens ``(K, B, N)``.
         """
-        assert inp.bias is not None
-        if inp.tokens:
-            assert inp.keys is not None and inp.values is not None
-            K, B = h.shape[0], h.shape[1]
-            H, d_k = self.input_heads, self.input_key_size
-            if self.input_query_bias:
-                q = th.baddbmm(self.input_query_b, h, self.input_query).view(K, B, H, d_k)
-            else:
-                q = th.bmm(h, self.input_query).view(K, B, H, d_k)
-            scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
-            # The null token's key is zero, so its score is exactly zero.
-            scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
-            probs = th.softmax(scores, dim=-1)
-            mean_probs = probs.mean(dim=2)
-            probs = F.dropout(probs, self.input_dropout, self.training)
-            # The null token's value is zero: only the real tokens contribute to the read.
-            read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(K, B, -1)
-            return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
-        assert inp.score_proj is not None and inp.gate_proj is not None
+        K, B = h.shape[0], h.shape[1]
+        H, d_k = self.input_heads, self.input_key_size
+        if self.input_query_bias:
+            q = th.baddbmm(self.input_query_b, h, self.input_query).view(K, B, H, d_k)
+        else:
+            q = th.bmm(h, self.input_query).view(K, B, H, d_k)
+        scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
+        # The null token's key is zero, so its score is exactly zero.
+        scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
+        probs = th.softmax(scores, dim=-1)
+        mean_probs = probs.mean(dim=2)
+        probs = F.dropout(probs, self.input_dropout, self.training)
+        # The null token's value is zero: only the real tokens contribute to the read.
+        read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(K, B, -1)
+        return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
+
+    def _attend_vector(self, inp: VectorInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
+        """Input attention over one vector for one step: as :meth:`_attend_tokens`, with no
+        attention on tokens returned (it is one minus the null attention)."""
         # Softmax over {null (score 0), input (score s)} is sigmoid(s). Broadcast products, not
         # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
         if self.input_heads == 1:
@@ -410,18 +416,20 @@ class RIMCell(nn.Module):
             update = update * th.sigmoid(th.baddbmm(self.comm_gate_bias, out, self.comm_gate_weight))
         return update
 
-    def step(self, inp: StepInput, h: th.Tensor, c: th.Tensor) -> StepOutput:
+    def step(self, inp: PreparedInput, h: th.Tensor, c: th.Tensor) -> StepOutput:
         """One step on the internal layout.
 
         :param inp: the step's input terms (see :meth:`prepare`).
         :param h: previous hidden state ``(K, B, d_h)``.
         :param c: previous cell state ``(K, B, d_h)`` (ignored and returned unchanged by the GRU).
         """
-        null_att = token_att = None
-        if self.input_attention:
-            gates_in, null_att, token_att = self._attend_input(inp, h)
+        null_att: th.Tensor | None = None
+        token_att: th.Tensor | None = None
+        if isinstance(inp, TokenInput):
+            gates_in, null_att, token_att = self._attend_tokens(inp, h)
+        elif isinstance(inp, VectorInput):
+            gates_in, null_att, token_att = self._attend_vector(inp, h)
         else:
-            assert inp.gate_proj is not None
             gates_in = inp.gate_proj
         h_new, c_new = self._cell(gates_in, h, c)
         mask = None
@@ -577,7 +585,8 @@ class RIMCore(nn.Module):
         cell.record_communication = track and cell.communication
         selected: list[th.Tensor] = []  # (K, B) masks, for the balance loss
         shares: list[th.Tensor] = []  # (K, B) input-attention shares, for the balance loss
-        for t, step_input in enumerate(inputs.unbind()):
+        step_inputs: list[PreparedInput] = list(inputs.unbind())
+        for t, step_input in enumerate(step_inputs):
             if reset_steps[t]:
                 assert keep is not None
                 h = h * keep[t]
