@@ -218,9 +218,9 @@ class RIMActivityCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         core = self._core()
-        if core is None or "mask" not in core.last_activity:
+        if core is None or core.last_activity is None:
             return True
-        mask = core.last_activity["mask"][-1].cpu().numpy()  # (n_envs, K)
+        mask = core.last_activity.mask[-1].cpu().numpy()  # (n_envs, K)
         starts = np.asarray(self.model._last_episode_starts, dtype=bool)  # the step just taken
         if self.active_sum is None:
             self.active_sum = np.zeros(mask.shape[1])
@@ -232,7 +232,7 @@ class RIMActivityCallback(BaseCallback):
             self.switches += int((changed & within).sum())
             self.switch_steps += int(within.sum())
         self.prev_mask = mask
-        attention = core.last_activity.get("input_attention")
+        attention = core.last_activity.input_attention
         if attention is not None:
             p = attention[-1].clamp_min(1e-12)  # (n_envs, K, N + 1)
             self.entropy_sum += float(-(p * p.log()).sum(-1).mean()) * mask.shape[0]
@@ -254,7 +254,7 @@ class RIMActivityCallback(BaseCallback):
         if core is None:
             return
         core.track_activity = False
-        core.last_activity = {}
+        core.last_activity = None
         self.rollouts += 1
         if self.steps and self.active_sum is not None and self.rollouts % self.log_freq == 0:
             for i, frac in enumerate(self.active_sum / self.steps):

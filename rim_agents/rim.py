@@ -43,7 +43,7 @@ Selection = Literal["hard", "straight_through"]
 SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
-__all__ = ["DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]
+__all__ = ["Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]
 
 
 def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
@@ -61,6 +61,16 @@ class StepOutput(NamedTuple):
     mask: th.Tensor | None  # (K, B) active RIMs; None when every RIM is active
     null_attention: th.Tensor | None  # (K, B) head-averaged attention on the null token
     token_attention: th.Tensor | None  # (K, B, N) on the real tokens; None for one input vector
+
+
+class Activity(NamedTuple):
+    """What a tracked unroll did (see ``RIMCore.track_activity``)."""
+
+    mask: th.Tensor  # (T, B, K) bool: the active RIMs
+    input_attention: th.Tensor | None  # (T, B, K, N + 1) head-averaged, null token first; None without attention
+    # (T, B, K, K): row i is what RIM i read from each RIM, head-averaged (rows of dormant RIMs
+    # are computed but unused); None without communication
+    communication: th.Tensor | None
 
 
 class AddAuxiliaryLoss(th.autograd.Function):
@@ -490,11 +500,8 @@ class RIMCore(nn.Module):
     ``out`` of shape ``(T, B, K*d_h)``. ``episode_starts`` ``(T, B)`` zeroes an element's state at
     the step where its episode starts. The GRU variant returns a zero ``c``.
 
-    Set ``core.track_activity = True`` to keep, after each call, ``core.last_activity["mask"]``
-    (``(T, B, K)`` bool), ``core.last_activity["input_attention"]`` (``(T, B, K, N + 1)``,
-    head-averaged, null token first) and, with communication, ``["communication"]``
-    (``(T, B, K, K)``: row ``i`` is what RIM ``i`` read from each RIM, head-averaged; rows of
-    dormant RIMs are computed but unused). Nothing is kept, or computed for it, otherwise.
+    Set ``core.track_activity = True`` to keep, after each call, ``core.last_activity``, an
+    :class:`Activity` (None otherwise; nothing is computed for it then).
 
     Keyword arguments are those of :class:`RIMCell`.
     """
@@ -505,7 +512,7 @@ class RIMCore(nn.Module):
         super().__init__()
         self.cell = RIMCell(input_size, config, **settings)
         self.track_activity = False
-        self.last_activity: dict[str, th.Tensor] = {}
+        self.last_activity: Activity | None = None
         # Balance-loss values of the training unrolls since the trainer last read them.
         self.balance_losses: list[th.Tensor] = []
 
@@ -617,11 +624,10 @@ class RIMCore(nn.Module):
                 tracker.balance_losses.append(loss.detach())
         if track:
             assert tracker is not None
-            activity = {"mask": th.stack(masks).transpose(1, 2)}
-            if attentions:
-                activity["input_attention"] = th.stack(attentions).transpose(1, 2)
-            if len(communications) == T:
-                activity["communication"] = th.stack(communications)
             cell.record_communication = False
-            tracker.last_activity = activity
+            tracker.last_activity = Activity(
+                th.stack(masks).transpose(1, 2),
+                th.stack(attentions).transpose(1, 2) if attentions else None,
+                th.stack(communications) if len(communications) == T else None,
+            )
         return out, (cell.to_flat(h), cell.to_flat(c))

@@ -160,11 +160,12 @@ def record_episode(model: Any, config: TrainConfig, env: VecEnv, seed: int = 0, 
                 action = dist.get_actions().cpu().numpy()
             if rim is not None:
                 activity = rim.last_activity
-                episode.masks.append(activity["mask"][0, 0].cpu().numpy())
-                if "input_attention" in activity:
-                    episode.attention.append(activity["input_attention"][0, 0].cpu().numpy())
-                if "communication" in activity:
-                    episode.communication.append(activity["communication"][0, 0].cpu().numpy())
+                assert activity is not None
+                episode.masks.append(activity.mask[0, 0].cpu().numpy())
+                if activity.input_attention is not None:
+                    episode.attention.append(activity.input_attention[0, 0].cpu().numpy())
+                if activity.communication is not None:
+                    episode.communication.append(activity.communication[0, 0].cpu().numpy())
             seen = obs  # the cue events describe what the agent acted on
             obs, rewards, dones, infos = env.step(action)
             reward = float(rewards[0])
@@ -178,7 +179,7 @@ def record_episode(model: Any, config: TrainConfig, env: VecEnv, seed: int = 0, 
     finally:
         if rim is not None:
             rim.track_activity = False
-            rim.last_activity = {}
+            rim.last_activity = None
     return episode
 
 

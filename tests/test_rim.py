@@ -150,7 +150,7 @@ def test_matches_naive_reference(kwargs: dict[str, object], tokens: bool) -> Non
         ref_out, ref_masks = reference_unroll(core, x, state)
     th.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     th.testing.assert_close(h[0], ref_out[-1], atol=1e-5, rtol=1e-5)
-    assert th.equal(core.last_activity["mask"], ref_masks)
+    assert th.equal(core.last_activity.mask, ref_masks)
     if core.cell.cell_type == "gru":
         assert th.count_nonzero(c) == 0
 
@@ -162,7 +162,7 @@ def test_exactly_k_active_and_least_null_attention(tokens: bool, cell: str) -> N
     core.track_activity = True
     x = th.randn(9, 7, 4, D_IN) if tokens else th.randn(9, 7, D_IN)
     core(x)
-    mask, att = core.last_activity["mask"], core.last_activity["input_attention"]
+    mask, att = core.last_activity.mask, core.last_activity.input_attention
     assert mask.shape == (9, 7, 5) and mask.dtype == th.bool
     assert att.shape == (9, 7, 5, (4 if tokens else 1) + 1)
     assert th.all(mask.sum(-1) == 2)
@@ -184,7 +184,7 @@ def test_dormant_state_carried_bit_for_bit(cell: str) -> None:
     dormant_seen = 0
     for t in range(8):
         h_new, c_new = core(x[t : t + 1], (h, c))[1]
-        dormant = ~core.last_activity["mask"][0]  # (B, K)
+        dormant = ~core.last_activity.mask[0]  # (B, K)
         prev_h, next_h = h[0].view(6, K, d_h), h_new[0].view(6, K, d_h)
         assert th.equal(next_h[dormant], prev_h[dormant])
         assert not th.equal(next_h[~dormant], prev_h[~dormant])
@@ -279,7 +279,7 @@ def test_rim_dormant_for_every_element_gets_no_cell_gradient(cell: str) -> None:
         state = random_state(core, 2, seed=seed)
         core.zero_grad()
         out, _ = core(x, state)
-        mask = core.last_activity["mask"][0]  # (B, K)
+        mask = core.last_activity.mask[0]  # (B, K)
         always_dormant = (~mask).all(0)
         if not always_dormant.any():
             continue
@@ -337,8 +337,8 @@ def test_zero_state_selection_depends_on_the_input(tokens: bool) -> None:
         core = make_core(input_query_bias=bias, k_active=2).eval()
         core.track_activity = True
         core(x)
-        null = core.last_activity["input_attention"][0, ..., 0]  # (B, K)
-        chosen[bias] = {tuple(row.nonzero().flatten().tolist()) for row in core.last_activity["mask"][0]}
+        null = core.last_activity.input_attention[0, ..., 0]  # (B, K)
+        chosen[bias] = {tuple(row.nonzero().flatten().tolist()) for row in core.last_activity.mask[0]}
         if not bias:
             assert th.equal(null, null[:1, :1].expand_as(null))  # one value for every RIM and input
             assert len(chosen[bias]) == 1
@@ -351,7 +351,7 @@ def test_query_bias_leaves_the_null_score_zero() -> None:
     core = make_core(k_active=2).eval()
     core.track_activity = True
     core(th.zeros(1, 5, D_IN))
-    th.testing.assert_close(core.last_activity["input_attention"][..., 0], th.full((1, 5, core.cell.num_units), 0.5))
+    th.testing.assert_close(core.last_activity.input_attention[..., 0], th.full((1, 5, core.cell.num_units), 0.5))
 
 
 def test_initial_state_is_zero() -> None:
@@ -379,8 +379,8 @@ def test_ablation_no_input_attention_reads_input_and_all_active() -> None:
     assert not hasattr(core.cell, "input_query") and not hasattr(core.cell, "input_key")
     x = th.randn(5, 3, D_IN)
     core(x)
-    assert core.last_activity["mask"].all()
-    assert "input_attention" not in core.last_activity
+    assert core.last_activity.mask.all()
+    assert core.last_activity.input_attention is None
     # Every RIM's cell reads the raw input: changing RIM 2's input weights changes RIM 2's state
     # from the first step (no communication here, so only RIM 2's).
     isolated = make_core(input_attention=False, communication=False).eval()
@@ -397,7 +397,7 @@ def test_ablation_k_equals_k_all_active() -> None:
     core = make_core(k_active=5).eval()
     core.track_activity = True
     core(th.randn(4, 3, D_IN))
-    assert core.last_activity["mask"].all()
+    assert core.last_activity.mask.all()
 
 
 def test_ablation_no_communication_isolates_rims() -> None:
@@ -432,7 +432,7 @@ def test_mask_output_zeroes_dormant_rims_in_output_only() -> None:
     core = make_core(mask_output=True).eval()
     core.track_activity = True
     out, (h, _) = core(th.randn(1, 4, D_IN), random_state(core, 4))
-    mask = core.last_activity["mask"][0]
+    mask = core.last_activity.mask[0]
     out = out[0].view(4, 5, 8)
     assert th.count_nonzero(out[~mask]) == 0
     assert th.count_nonzero(h[0].view(4, 5, 8)[~mask]) > 0
@@ -454,7 +454,7 @@ def test_same_seed_same_output_with_dropout() -> None:
 def test_activity_not_kept_unless_asked() -> None:
     core = make_core()
     core(th.randn(2, 2, D_IN))
-    assert core.last_activity == {}
+    assert core.last_activity is None
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -513,11 +513,11 @@ def test_selection_options_keep_the_hard_rule_forward(options: dict, cell: str, 
     out_o, (h_o, c_o) = other(x, state)
     assert out_o.requires_grad
     assert th.equal(out_o, out_h) and th.equal(h_o, h_h) and th.equal(c_o, c_h)
-    assert th.equal(other.last_activity["mask"], hard.last_activity["mask"])
+    assert th.equal(other.last_activity.mask, hard.last_activity.mask)
     with th.no_grad():
         ref_out, ref_masks = reference_unroll(other, x, state)
     th.testing.assert_close(out_o.detach(), ref_out, atol=1e-5, rtol=1e-5)
-    assert th.equal(other.last_activity["mask"], ref_masks)
+    assert th.equal(other.last_activity.mask, ref_masks)
 
 
 def _always_dormant_case(core: RIMCore) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor], th.Tensor]:
@@ -529,7 +529,7 @@ def _always_dormant_case(core: RIMCore) -> tuple[th.Tensor, tuple[th.Tensor, th.
         state = random_state(core, 2, seed=seed)
         with th.no_grad():
             core(x, state)
-        always_dormant = (~core.last_activity["mask"][0]).all(0)
+        always_dormant = (~core.last_activity.mask[0]).all(0)
         if always_dormant.any():
             return x, state, always_dormant
     raise AssertionError("no input left a RIM dormant for both elements")
@@ -559,16 +559,16 @@ def test_selection_noise_acts_in_training_mode_only() -> None:
     with th.no_grad():
         core.eval()(x)
         hard.eval()(x)
-        assert th.equal(core.last_activity["mask"], hard.last_activity["mask"])
+        assert th.equal(core.last_activity.mask, hard.last_activity.mask)
         h, c = random_state(core, 8)
         K, d_h = core.cell.num_units, core.cell.unit_size
         changed = 0
         hard_masks = []
         for t in range(20):
             hard.eval()(x[t : t + 1], (h, c))
-            hard_masks.append(hard.last_activity["mask"][0])
+            hard_masks.append(hard.last_activity.mask[0])
             h_new, c_new = core.train()(x[t : t + 1], (h, c))[1]
-            mask = core.last_activity["mask"][0]
+            mask = core.last_activity.mask[0]
             assert th.all(mask.sum(-1) == 2)
             dormant = ~mask
             assert th.equal(h_new[0].view(8, K, d_h)[dormant], h[0].view(8, K, d_h)[dormant])
@@ -593,8 +593,8 @@ def test_balance_loss_value_and_gradient() -> None:
         (out * proj * scale).sum().backward()
         grads.append(th.cat([p.grad.flatten() for p in core.parameters()]))
         if balance:
-            mask = core.last_activity["mask"].float()  # (T, B, K)
-            att = 1.0 - core.last_activity["input_attention"][..., 0]
+            mask = core.last_activity.mask.float()  # (T, B, K)
+            att = 1.0 - core.last_activity.input_attention[..., 0]
             share = att / att.sum(-1, keepdim=True)
             expected = 5 / 3 * (mask.mean(dim=(0, 1)) * share.mean(dim=(0, 1))).sum()
             th.testing.assert_close(core.balance_losses[-1], expected)
@@ -627,16 +627,16 @@ def test_communication_attention_is_tracked_only_when_asked() -> None:
     core = make_core().eval()
     x = th.randn(4, 3, D_IN)
     core(x)
-    assert core.last_activity == {}
+    assert core.last_activity is None
     core.track_activity = True
     core(x)
-    comm = core.last_activity["communication"]
+    comm = core.last_activity.communication
     assert comm.shape == (4, 3, 5, 5)
     th.testing.assert_close(comm.sum(-1), th.ones(4, 3, 5))
     quiet = make_core(communication=False).eval()
     quiet.track_activity = True
     quiet(x)
-    assert "communication" not in quiet.last_activity and "mask" in quiet.last_activity
+    assert quiet.last_activity.communication is None and quiet.last_activity.mask is not None
 
 
 def test_annealed_k_schedule_and_exactly_k_now_active() -> None:
@@ -648,7 +648,7 @@ def test_annealed_k_schedule_and_exactly_k_now_active() -> None:
     for fraction, k in ((0.0, 5), (0.3, 3), (1.0, 2)):
         cell.set_progress(fraction)
         core(th.randn(3, 4, D_IN))
-        assert th.all(core.last_activity["mask"].sum(-1) == k)
+        assert th.all(core.last_activity.mask.sum(-1) == k)
     assert make_core(k_active=2).cell.set_progress(0.0) == 2  # no annealing
     with pytest.raises(ValueError, match=r"k_anneal=1\.5"):
         make_core(k_anneal=1.5)

@@ -63,7 +63,7 @@ def test_video_has_one_frame_per_step_and_the_raster_is_the_cores_mask(tmp_path:
         obs_tensor, _ = policy.obs_to_tensor(obs)
         zeros = (th.zeros(1, 1, core.hidden_size),) * 2
         policy.get_distribution(obs_tensor, zeros, th.as_tensor(starts))
-    replay = core.last_activity["mask"][:, 0].numpy()  # (T, K)
+    replay = core.last_activity.mask[:, 0].numpy()  # (T, K)
     np.testing.assert_array_equal(~np.isnan(raster(episode)), replay.T)
     assert activity_png(episode)[:8] == b"\x89PNG\r\n\x1a\n"
     # Every active RIM's row of the mean communication is a distribution over RIMs.
