@@ -320,10 +320,18 @@ def test_chunked_buffer_covers_every_transition_once() -> None:
     assert sorted(seen) == [(e, t) for e in range(n_envs) for t in range(n_steps)]
 
 
-@pytest.mark.parametrize(("seq_len", "match"), [(5, "divisor of n_steps"), (3, "divisor of n_steps")])
-def test_seq_len_must_divide(seq_len: int, match: str) -> None:
+@pytest.mark.parametrize(
+    ("n_steps", "batch_size", "seq_len", "match"),
+    [
+        (16, 16, 5, "seq_len=5 must be a positive divisor of n_steps=16"),
+        (16, 10, 4, "batch_size=10 must be a multiple of seq_len=4"),
+        (16, 16, 0, "seq_len=0 must be a positive divisor"),
+    ],
+)
+def test_seq_len_must_divide(n_steps: int, batch_size: int, seq_len: int, match: str) -> None:
+    """Each of the sampler's conditions on its own (n_steps, then batch_size, then positivity)."""
     with pytest.raises(ValueError, match=match):
-        RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=seq_len)
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=n_steps, batch_size=batch_size, seq_len=seq_len)
 
 
 # ---------------------------------------------------------------------- save, load, determinism
