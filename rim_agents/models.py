@@ -117,7 +117,7 @@ def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
             device=config.device,
             verbose=0,
         )
-    except (ValueError, AssertionError, RuntimeError, TypeError) as e:
+    except (ValueError, AssertionError, TypeError) as e:  # bad settings; a RuntimeError is a bug, not input
         raise UsageError(f"cannot build the model: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     except MemoryError:
         raise UsageError(
