@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from rim_agents.config import load_config
 from rim_agents.errors import UsageError
-from rim_agents.evaluation import check_spaces, evaluate, resolve_checkpoint
+from rim_agents.evaluation import EvaluationResults, check_spaces, evaluate, resolve_checkpoint
 from rim_agents.models import make_env
 from rim_agents.report import format_table, write_outputs, write_tensorboard
 from rim_agents.runs import (
@@ -182,11 +182,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     out: Path | None = None
     created = False
-    done: dict = {}
+    done: list[EvaluationResults] = []
 
-    def save(results: dict) -> None:
+    def save(results: EvaluationResults) -> None:
         assert out is not None
-        done["results"] = results
+        done[:] = [results]
         write_outputs(results, out)
 
     try:
@@ -215,7 +215,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        finished = sum(len(c["shifts"]) for c in done.get("results", {}).get("checkpoints", []))
+        finished = sum(len(c.shifts) for c in done[0].checkpoints) if done else 0
         where = f"{finished} finished checkpoint x shift evaluations are in {out}" if finished else "nothing finished"
         print(f"interrupted: {where}", file=sys.stderr)
         return 130

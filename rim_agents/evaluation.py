@@ -11,9 +11,10 @@ seeds, as rliable (Agarwal et al., 2021) computes it for one task.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,71 @@ def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
 # ----------------------------------------------------------------------------------- evaluate
 
 
+@dataclass
+class ShiftResult:
+    """One checkpoint under one shift."""
+
+    episodes: int
+    mean_return: float
+    ci95: list[float]  # bootstrap interval of the mean return over episodes
+    success_rate: float | None  # MiniGrid-like envs that report success
+    success_ci95: list[float] | None
+    mean_length: float
+    returns: list[float]
+    drop: float  # mean return under none minus under this shift
+    relative_drop: float | None
+
+
+@dataclass
+class CheckpointResult:
+    """One checkpoint under every shift evaluated."""
+
+    checkpoint: str
+    run_dir: str
+    env: str
+    core: str
+    seed: int
+    num_timesteps: int
+    group: str  # the config's identity (TrainConfig.identity) as JSON: seeds of one group share it
+    shifts: dict[str, ShiftResult] = field(default_factory=dict)
+
+
+@dataclass
+class GroupShiftResult:
+    """The seeds of one group under one shift."""
+
+    iqm_return: float
+    ci95: list[float]  # stratified bootstrap over seeds (over episodes for a single seed)
+    iqm_drop: float
+    per_seed_returns: list[float]
+    iqm_success: float | None = None
+    success_ci95: list[float] | None = None
+
+
+@dataclass
+class GroupResult:
+    """Checkpoints whose configs differ only in run-only settings (seeds of one configuration)."""
+
+    label: str
+    env: str
+    core: str
+    seeds: list[int]
+    checkpoints: list[str]
+    shifts: dict[str, GroupShiftResult]
+
+
+@dataclass
+class EvaluationResults:
+    """What :func:`evaluate` returns; ``to_dict()`` is ``results.json``."""
+
+    settings: dict[str, Any]
+    checkpoints: list[CheckpointResult]
+    groups: list[GroupResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _group_key(config: TrainConfig) -> str:
     """Runs whose configs differ only in run-only settings (seed, budget, ...) are seeds of one group."""
     return json.dumps(config.identity(), sort_keys=True)
@@ -97,8 +163,8 @@ def evaluate(
     n_envs: int = 8,
     device: str = "auto",
     progress: bool = False,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    on_result: Callable[[EvaluationResults], None] | None = None,
+) -> EvaluationResults:
     """Evaluate checkpoints under shifts and aggregate seeds.
 
     ``on_result`` receives the results so far after every checkpoint x shift (so that a caller can
@@ -108,7 +174,7 @@ def evaluate(
     Everything that can fail on bad input (paths, checkpoints, shift names, space mismatches) is
     checked before the first episode runs.
 
-    :return: ``{"checkpoints": [...], "groups": [...]}`` (see :func:`write_outputs`).
+    :return: per checkpoint and shift, and per group of seeds and shift.
     """
     if episodes < 1:
         raise UsageError(f"--episodes must be positive, got {episodes}")
@@ -135,24 +201,23 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(s) for _, s in plans) * episodes, unit="episode", desc="evaluating")
-    results: list[dict[str, Any]] = []
+    results: list[CheckpointResult] = []
     settings = {"episodes": episodes, "seed": seed, "deterministic": deterministic}
 
-    def report() -> dict[str, Any]:
-        return {"settings": settings, "checkpoints": results, "groups": aggregate(results, seed)}
+    def report() -> EvaluationResults:
+        return EvaluationResults(settings, results, aggregate(results, seed))
 
     for ckpt, specs in plans:
-        per_shift: dict[str, Any] = {}
-        entry = {
-            "checkpoint": str(ckpt.path),
-            "run_dir": str(ckpt.run_dir),
-            "env": ckpt.config.env,
-            "core": ckpt.config.core,
-            "seed": ckpt.config.seed,
-            "num_timesteps": int(ckpt.model.num_timesteps),
-            "group": _group_key(ckpt.config),
-            "shifts": per_shift,
-        }
+        entry = CheckpointResult(
+            str(ckpt.path),
+            str(ckpt.run_dir),
+            ckpt.config.env,
+            ckpt.config.core,
+            ckpt.config.seed,
+            int(ckpt.model.num_timesteps),
+            _group_key(ckpt.config),
+        )
+        per_shift = entry.shifts
         results.append(entry)
         for name, spec in specs:
             # Seeded per checkpoint and shift: a result does not depend on what ran before it.
@@ -163,19 +228,19 @@ def evaluate(
             finally:
                 env.close()
             low, high = bootstrap_ci(eps.returns, seed=seed)
-            ref = per_shift["none"]["mean_return"] if per_shift else float(np.mean(eps.returns))
+            ref = per_shift["none"].mean_return if per_shift else float(np.mean(eps.returns))
             mean = float(np.mean(eps.returns))
-            per_shift[name] = {
-                "episodes": len(eps.returns),
-                "mean_return": mean,
-                "ci95": [low, high],
-                "success_rate": float(np.mean(eps.successes)) if eps.successes else None,
-                "success_ci95": list(bootstrap_ci(eps.successes, seed=seed)) if eps.successes else None,
-                "mean_length": float(np.mean(eps.lengths)),
-                "returns": eps.returns,
-                "drop": ref - mean,
-                "relative_drop": (ref - mean) / abs(ref) if ref else None,
-            }
+            per_shift[name] = ShiftResult(
+                episodes=len(eps.returns),
+                mean_return=mean,
+                ci95=[low, high],
+                success_rate=float(np.mean(eps.successes)) if eps.successes else None,
+                success_ci95=list(bootstrap_ci(eps.successes, seed=seed)) if eps.successes else None,
+                mean_length=float(np.mean(eps.lengths)),
+                returns=eps.returns,
+                drop=ref - mean,
+                relative_drop=(ref - mean) / abs(ref) if ref else None,
+            )
             if on_result is not None:
                 on_result(report())
     if bar is not None:
@@ -193,51 +258,38 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def aggregate(results: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """Group checkpoints whose configs differ only in the seed; IQM and stratified bootstrap."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+def aggregate(results: list[CheckpointResult], seed: int = 0) -> list[GroupResult]:
+    """Group checkpoints whose configs differ only in run-only settings; IQM and stratified bootstrap."""
+    groups: dict[str, list[CheckpointResult]] = {}
     for r in results:
-        groups.setdefault(r["group"], []).append(r)
-    envs = {r["env"] for r in results}
+        groups.setdefault(r.group, []).append(r)
+    envs = {r.env for r in results}
     flat = {key: _flatten(json.loads(key)) for key in groups}
     out = []
     for key, members in groups.items():
         first = members[0]
-        label = first["core"] if len(envs) == 1 else f"{first['env']} {first['core']}"
+        label = first.core if len(envs) == 1 else f"{first.env} {first.core}"
         # Groups of one core that differ in other settings: name the settings that differ.
-        rivals = [flat[k] for k, m in groups.items() if m[0]["core"] == first["core"] and m[0]["env"] == first["env"]]
+        rivals = [flat[k] for k, m in groups.items() if m[0].core == first.core and m[0].env == first.env]
         if len(rivals) > 1:
             differing = sorted(k for k in flat[key] if len({str(r.get(k)) for r in rivals}) > 1)
             label += " (" + ", ".join(f"{k.split('.')[-1]}={flat[key][k]}" for k in differing) + ")"
-        shift_names = [s for s in first["shifts"] if all(s in m["shifts"] for m in members)]
+        shift_names = [s for s in first.shifts if all(s in m.shifts for m in members)]
         per_shift = {}
         for name in shift_names:
-            returns = [m["shifts"][name]["mean_return"] for m in members]
-            drops = [m["shifts"][name]["drop"] for m in members]
+            returns = [m.shifts[name].mean_return for m in members]
+            drops = [m.shifts[name].drop for m in members]
             point, low, high = stratified_bootstrap_iqm({name: returns}, seed=seed)
             if len(members) == 1:  # one seed: the interval over its episodes
-                low, high = first["shifts"][name]["ci95"]
-            entry: dict[str, Any] = {
-                "iqm_return": point,
-                "ci95": [low, high],
-                "iqm_drop": iqm(drops),
-                "per_seed_returns": returns,
-            }
-            succ = [m["shifts"][name]["success_rate"] for m in members]
+                low, high = first.shifts[name].ci95
+            entry = GroupShiftResult(point, [low, high], iqm(drops), returns)
+            succ = [m.shifts[name].success_rate for m in members]
             if all(s is not None for s in succ):
-                s_point, s_low, s_high = stratified_bootstrap_iqm({name: succ}, seed=seed)
+                s_point, s_low, s_high = stratified_bootstrap_iqm({name: succ}, seed=seed)  # type: ignore[dict-item]
                 if len(members) == 1:
-                    s_low, s_high = first["shifts"][name]["success_ci95"]
-                entry.update(iqm_success=s_point, success_ci95=[s_low, s_high])
+                    s_low, s_high = first.shifts[name].success_ci95 or [s_low, s_high]
+                entry.iqm_success, entry.success_ci95 = s_point, [s_low, s_high]
             per_shift[name] = entry
-        out.append(
-            {
-                "label": label,
-                "env": first["env"],
-                "core": first["core"],
-                "seeds": [m["seed"] for m in members],
-                "checkpoints": [m["checkpoint"] for m in members],
-                "shifts": per_shift,
-            }
-        )
+        seeds = [m.seed for m in members]
+        out.append(GroupResult(label, first.env, first.core, seeds, [m.checkpoint for m in members], per_shift))
     return out

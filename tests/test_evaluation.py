@@ -75,21 +75,23 @@ def test_results_shape_and_determinism(pickup_runs: list[Path]) -> None:
     first = evaluate(pickup_runs, **kwargs)
     second = evaluate(pickup_runs, **kwargs)
     assert first == second
-    assert len(first["checkpoints"]) == 2
-    for r in first["checkpoints"]:
-        assert list(r["shifts"]) == ["none", "novel-distractors", "view-3"]  # none added as the reference
-        for s in r["shifts"].values():
-            assert s["episodes"] == len(s["returns"]) == 6
-            assert 0.0 <= s["success_rate"] <= 1.0
-            assert s["ci95"][0] <= s["mean_return"] <= s["ci95"][1]
-        assert r["shifts"]["none"]["drop"] == 0.0
-    [group] = first["groups"]  # same config, two seeds
-    assert group["core"] == "rims" and group["seeds"] == [0, 1]
-    per_seed = group["shifts"]["view-3"]["per_seed_returns"]
-    assert per_seed == [r["shifts"]["view-3"]["mean_return"] for r in first["checkpoints"]]
-    assert group["shifts"]["view-3"]["iqm_return"] == pytest.approx(np.mean(per_seed))  # IQM of 2 = mean
+    assert len(first.checkpoints) == 2
+    for r in first.checkpoints:
+        assert list(r.shifts) == ["none", "novel-distractors", "view-3"]  # none added as the reference
+        for s in r.shifts.values():
+            assert s.episodes == len(s.returns) == 6
+            assert s.success_rate is not None and 0.0 <= s.success_rate <= 1.0
+            assert s.ci95[0] <= s.mean_return <= s.ci95[1]
+        assert r.shifts["none"].drop == 0.0
+    [group] = first.groups  # same config, two seeds
+    assert group.core == "rims" and group.seeds == [0, 1]
+    per_seed = group.shifts["view-3"].per_seed_returns
+    assert per_seed == [r.shifts["view-3"].mean_return for r in first.checkpoints]
+    assert group.shifts["view-3"].iqm_return == pytest.approx(np.mean(per_seed))  # IQM of 2 = mean
     third = evaluate(pickup_runs, **{**kwargs, "seed": 4})
-    assert third["checkpoints"][0]["shifts"]["none"]["returns"] != first["checkpoints"][0]["shifts"]["none"]["returns"]
+    assert third.checkpoints[0].shifts["none"].returns != first.checkpoints[0].shifts["none"].returns
+    # results.json is the same data, as plain JSON
+    assert json.loads(json.dumps(first.to_dict()))["groups"][0]["seeds"] == [0, 1]
 
 
 def test_cli_writes_outputs_and_tensorboard(pickup_runs: list[Path], tmp_path: Path, capsys) -> None:
@@ -113,7 +115,7 @@ def test_cli_writes_outputs_and_tensorboard(pickup_runs: list[Path], tmp_path: P
 def test_checkpoint_file_and_run_dir_agree(pickup_runs: list[Path]) -> None:
     a = evaluate([pickup_runs[0]], shifts=["none"], episodes=3)
     b = evaluate([pickup_runs[0] / FINAL_MODEL], shifts=["none"], episodes=3)
-    assert a["checkpoints"][0]["shifts"] == b["checkpoints"][0]["shifts"]
+    assert a.checkpoints[0].shifts == b.checkpoints[0].shifts
 
 
 def _bad_cases(pickup_runs: list[Path], tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -162,27 +164,20 @@ def test_evaluate_function_raises_usage_errors(pickup_runs: list[Path]) -> None:
 
 
 def test_aggregate_groups_seeds_and_names_ablations() -> None:
-    from rim_agents.evaluation import aggregate
+    from rim_agents.evaluation import CheckpointResult, ShiftResult, aggregate
 
-    def result(core: str, seed: int, k: int, value: float) -> dict:
+    def result(core: str, seed: int, k: int, value: float) -> CheckpointResult:
         group = json.dumps({"core": core, "env": "E", "rims": {"k_active": k}}, sort_keys=True)
-        shifts = {"none": {"mean_return": value, "drop": 0.0, "success_rate": None, "ci95": [value, value]}}
-        return {
-            "checkpoint": f"{core}{k}_{seed}",
-            "env": "E",
-            "core": core,
-            "seed": seed,
-            "group": group,
-            "shifts": shifts,
-        }
+        shift = ShiftResult(1, value, [value, value], None, None, 1.0, [value], 0.0, 0.0)
+        return CheckpointResult(f"{core}{k}_{seed}", "", "E", core, seed, 0, group, {"none": shift})
 
     results = [result("rims", s, 2, float(s)) for s in range(4)] + [result("rims", s, 4, 10.0 + s) for s in range(2)]
     results.append(result("lstm", 0, 2, 5.0))
-    groups = {g["label"]: g for g in aggregate(results)}
+    groups = {g.label: g for g in aggregate(results)}
     assert set(groups) == {"rims (k_active=2)", "rims (k_active=4)", "lstm"}
-    assert groups["rims (k_active=2)"]["seeds"] == [0, 1, 2, 3]
-    assert groups["rims (k_active=2)"]["shifts"]["none"]["iqm_return"] == pytest.approx(1.5)  # mean of 1, 2
-    assert groups["rims (k_active=4)"]["shifts"]["none"]["iqm_return"] == pytest.approx(10.5)
+    assert groups["rims (k_active=2)"].seeds == [0, 1, 2, 3]
+    assert groups["rims (k_active=2)"].shifts["none"].iqm_return == pytest.approx(1.5)  # mean of 1, 2
+    assert groups["rims (k_active=4)"].shifts["none"].iqm_return == pytest.approx(10.5)
 
 
 def test_out_is_checked_first_and_never_overwritten_silently(pickup_runs: list[Path], tmp_path: Path, capsys) -> None:
@@ -227,8 +222,8 @@ def test_interrupt_keeps_finished_results(
 
 def test_results_do_not_depend_on_the_neighbours(pickup_runs: list[Path]) -> None:
     kwargs = {"shifts": ["none"], "episodes": 6, "seed": 0}
-    alone = evaluate([pickup_runs[1]], **kwargs)["checkpoints"][0]["shifts"]["none"]["returns"]
-    after = evaluate([pickup_runs[0], pickup_runs[1]], **kwargs)["checkpoints"][1]["shifts"]["none"]["returns"]
+    alone = evaluate([pickup_runs[1]], **kwargs).checkpoints[0].shifts["none"].returns
+    after = evaluate([pickup_runs[0], pickup_runs[1]], **kwargs).checkpoints[1].shifts["none"].returns
     assert alone == after
 
 
