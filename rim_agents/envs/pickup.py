@@ -81,8 +81,8 @@ class PickupEnv(MiniGridEnv):
     the last type and colour, and the mission "pick up the object you were shown". The objects are
     then visible, so an agent must remember which one it was asked for; a memoryless policy is left
     with a guess among the objects it sees. (With the room visible during the cue, feed-forward PPO
-    reached 0.61 to 0.71 training success between 250k and 339k steps against a chance of 0.5: the
-    cue can steer the first action towards the target.)
+    reached up to 0.79 training success over 100 episodes, at 308k steps, against a chance of 0.5:
+    the cue can steer the first action towards the target.)
     ``cue_steps=None`` (the default) shows the target throughout.
 
     ## Observation Space
