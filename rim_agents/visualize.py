@@ -27,6 +27,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from rim_agents.config import TrainConfig, env_family
 from rim_agents.envs.atari import action_set, ale_settings
+from rim_agents.envs.pickup import COLOURS, TYPES
 from rim_agents.rim import RIMCore
 
 PANEL = 336  # the observation panel's height in pixels
@@ -117,7 +118,7 @@ def _events(
         events.add("picked-other")
     if isinstance(seen, dict) and "target" in seen and cue:
         # The memory variant hides the target with indices one past the last.
-        hidden = bool(np.all(np.asarray(seen["target"])[0] >= [3, 6]))
+        hidden = bool(np.all(np.asarray(seen["target"])[0] >= [len(TYPES), len(COLOURS)]))
         events.add("target-hidden" if hidden else "target-shown")
     if done:
         events.add("done")
@@ -141,7 +142,7 @@ def record_episode(model: Any, config: TrainConfig, env: VecEnv, seed: int = 0, 
         side = round(float(np.sqrt(token_shape[0])))
         episode.token_grid = (side, token_shape[0] // side)
     target_space = getattr(env.observation_space, "spaces", {}).get("target")
-    cue = target_space is not None and int(target_space.nvec[0]) > 3  # the memory variant's hidden index
+    cue = target_space is not None and int(target_space.nvec[0]) > len(TYPES)  # the memory variant's hidden index
     env.seed(seed)
     obs = env.reset()
     shape = (core.num_layers, 1, core.hidden_size)
