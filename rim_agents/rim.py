@@ -170,60 +170,49 @@ class RIMCell(nn.Module):
             raise TypeError(f"unknown RIM settings {sorted(unknown)}: see rim_agents.config.RIMConfig")
         config = dataclasses.replace(config or RIMConfig(), **settings)
         self.config = config
-        num_units, k_active, unit_size, cell = config.num_units, config.k_active, config.unit_size, config.cell
-        input_heads, input_key_size, input_query_bias = (
-            config.input_heads,
-            config.input_key_size,
-            config.input_query_bias,
-        )
-        input_value_size = config.value_width
-        comm_heads, comm_key_size = config.comm_heads, config.comm_key_size
-        comm_value_size = config.comm_value_size if config.comm_value_size is not None else comm_key_size
-        input_attention, communication, comm_gate = config.input_attention, config.communication, config.comm_gate
-        input_dropout, comm_dropout, mask_output = config.input_dropout, config.comm_dropout, config.mask_output
-        selection, selection_temperature = config.selection, config.selection_temperature
-        selection_noise, balance_coef, k_anneal = config.selection_noise, config.balance_coef, config.k_anneal
-
+        c = config
         self.input_size = input_size
-        self.num_units = num_units
-        self.k_active = k_active if input_attention else num_units
-        self.k_anneal = float(k_anneal)
+        self.num_units = c.num_units
+        self.k_active = c.k_active if c.input_attention else c.num_units
+        self.k_anneal = float(c.k_anneal)
         self.k_now = self.k_active  # the k in force (see set_progress)
-        self.unit_size = unit_size
-        self.cell_type: CellType = cell  # type: ignore[assignment]
-        self.input_heads = input_heads
-        self.input_key_size = input_key_size
-        self.input_value_size = input_value_size
-        self.input_query_bias = input_query_bias and input_attention
-        self.comm_heads = comm_heads
-        self.comm_key_size = comm_key_size
-        self.comm_value_size = comm_value_size
-        self.input_attention = input_attention
-        self.communication = communication
-        self.comm_gate = comm_gate
-        self.input_dropout = float(input_dropout)
-        self.comm_dropout = float(comm_dropout)
-        self.mask_output = mask_output
-        self.selection: Selection = selection  # type: ignore[assignment]
-        self.selection_temperature = float(selection_temperature)
-        self.selection_noise = float(selection_noise)
-        self.balance_coef = float(balance_coef)
+        self.unit_size = c.unit_size
+        self.cell_type: CellType = c.cell  # type: ignore[assignment]
+        self.input_heads = c.input_heads
+        self.input_key_size = c.input_key_size
+        self.input_value_size = c.value_width
+        self.input_query_bias = c.input_query_bias and c.input_attention
+        self.comm_heads = c.comm_heads
+        self.comm_key_size = c.comm_key_size
+        self.comm_value_size = c.comm_value_size if c.comm_value_size is not None else c.comm_key_size
+        self.input_attention = c.input_attention
+        self.communication = c.communication
+        self.comm_gate = c.comm_gate
+        self.input_dropout = float(c.input_dropout)
+        self.comm_dropout = float(c.comm_dropout)
+        self.mask_output = c.mask_output
+        self.selection: Selection = c.selection  # type: ignore[assignment]
+        self.selection_temperature = float(c.selection_temperature)
+        self.selection_noise = float(c.selection_noise)
+        self.balance_coef = float(c.balance_coef)
         # Set by RIMCore while it tracks activity: the last communication attention (B, K, K).
         self.record_communication = False
         self.last_communication: th.Tensor | None = None
 
-        K, d_h = num_units, unit_size
+        K, d_h, cell = self.num_units, self.unit_size, self.cell_type
+        H, d_k, value_width = self.input_heads, self.input_key_size, self.input_value_size
+        Hc, ck, cv = self.comm_heads, self.comm_key_size, self.comm_value_size
         n_gates = 4 if cell == "lstm" else 3
         self.n_gates = n_gates
-        if input_attention:
+        if self.input_attention:
             # Shared, bias-free key and value maps: the null token's key and value are exactly zero.
-            self.input_key = nn.Linear(input_size, input_heads * input_key_size, bias=False)
-            self.input_value = nn.Linear(input_size, input_value_size, bias=False)
+            self.input_key = nn.Linear(input_size, H * d_k, bias=False)
+            self.input_value = nn.Linear(input_size, value_width, bias=False)
             # Per-RIM queries from the previous state.
-            self.input_query = nn.Parameter(th.empty(K, d_h, input_heads * input_key_size))
-            if input_query_bias:
-                self.input_query_b = nn.Parameter(th.empty(K, 1, input_heads * input_key_size))
-            cell_in = input_value_size
+            self.input_query = nn.Parameter(th.empty(K, d_h, H * d_k))
+            if self.input_query_bias:
+                self.input_query_b = nn.Parameter(th.empty(K, 1, H * d_k))
+            cell_in = value_width
         else:
             cell_in = input_size
         # Per-RIM recurrent cells. Gate blocks: LSTM (i, f, o, g), GRU (r, z, n) as in nn.GRU.
@@ -231,12 +220,12 @@ class RIMCell(nn.Module):
         self.weight_hh = nn.Parameter(th.empty(K, d_h, n_gates * d_h))
         self.bias_ih = nn.Parameter(th.empty(K, 1, n_gates * d_h))
         self.bias_hh = nn.Parameter(th.empty(K, 1, n_gates * d_h))
-        if communication:
-            qkv_width = comm_heads * (2 * comm_key_size + comm_value_size)
+        if self.communication:
+            qkv_width = Hc * (2 * ck + cv)
             self.comm_qkv = nn.Parameter(th.empty(K, d_h, qkv_width))
-            self.comm_out = nn.Parameter(th.empty(K, comm_heads * comm_value_size, d_h))
+            self.comm_out = nn.Parameter(th.empty(K, Hc * cv, d_h))
             self.comm_out_bias = nn.Parameter(th.empty(K, 1, d_h))
-            if comm_gate:
+            if self.comm_gate:
                 self.comm_gate_weight = nn.Parameter(th.empty(K, d_h, d_h))
                 self.comm_gate_bias = nn.Parameter(th.empty(K, 1, d_h))
         self.reset_parameters()
