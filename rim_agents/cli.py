@@ -30,6 +30,7 @@ from rim_agents.runs import (
 )
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
+from rim_agents.study import STUDY_FILE, load_spec, plan_runs, run_study
 from rim_agents.training import Interrupted, train
 from rim_agents.visualize import (
     action_names,
@@ -243,6 +244,74 @@ def _prepare_out(out: Path, force: bool) -> bool:
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
     return created
+
+
+def study_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="study.py",
+        description="Run a study (envs x variants x seeds, then every run under every shift) as Ray tasks. "
+        "Started again, it skips finished runs and resumes interrupted ones.",
+        epilog="Specs: configs/studies/*.yaml. Results: <out>/results/ (table.md, runs.md, results.json/.csv, "
+        "chart.png, curves_<env>.png); state: <out>/study.json.",
+    )
+    p.add_argument("spec", metavar="SPEC.yaml", help="a study spec, e.g. configs/studies/pickup_robustness.yaml")
+    p.add_argument("--out", help="the study folder (default studies/<spec name>)")
+    p.add_argument(
+        "--address", help="an existing Ray cluster: auto, or HOST:PORT (default: a local Ray on this machine's CPUs)"
+    )
+    p.add_argument("--max-parallel", type=int, help="tasks at a time (default: the cluster's CPUs)")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="first tune each variant with N Ray Tune trials")
+    p.add_argument("--status", action="store_true", help="print the study's progress from study.json; start nothing")
+    return p
+
+
+def study_main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the study. Returns the exit code: 0, 1 when some runs failed (the
+    results hold the others), 2 on bad input, 130 when interrupted (continue with the same command)."""
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = study_parser().parse_args(argv)
+        if args.max_parallel is not None and args.max_parallel < 1:
+            raise UsageError(f"--max-parallel must be positive, got {args.max_parallel}")
+        if args.tune < 0:
+            raise UsageError(f"--tune must be a number of trials, got {args.tune}")
+        spec = load_spec(args.spec)
+        out = Path(args.out) if args.out else Path("studies") / spec.name
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file: give a folder")
+        if args.status:
+            return _study_status(out)
+        plan_runs(spec, out)  # bad settings fail before the folder is created
+        failed = run_study(spec, out, args.address, args.max_parallel, args.tune)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: running runs saved checkpoints; run the same command to continue", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"{failed} runs failed (see study.json and their logs); the results hold the others", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _study_status(out: Path) -> int:
+    path = out / STUDY_FILE
+    if not path.is_file():
+        raise UsageError(f"no study in {out} yet (no {STUDY_FILE}): start it without --status")
+    data = json.loads(path.read_text())
+    runs = data["runs"].values()
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(f"study {data['name']} in {out}, updated {data['updated']}")
+    print("  " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + f" of {len(runs)} runs")
+    for r in runs:
+        if r["state"] != "finished" or r["errors"]:
+            errors = f"; {len(r['errors'])} errors, last: {r['errors'][-1]}" if r["errors"] else ""
+            print(f"  {r['env']}/{r['variant']}/s{r['seed']}: {r['state']}, {r['attempts']} attempts{errors}")
+    return 0
 
 
 def visualize_parser() -> argparse.ArgumentParser:

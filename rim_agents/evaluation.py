@@ -30,8 +30,10 @@ from rim_agents.rollout import run_episodes
 from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
+    STUDY_FILE,
     load_run_config,
     newest_model,
+    study_runs,
 )
 from rim_agents.shifts import DEFAULT_SHIFTS, ShiftSpec, shift_spec
 from rim_agents.stats import bootstrap_ci, iqm, stratified_bootstrap_iqm
@@ -70,6 +72,21 @@ def resolve_checkpoint(target: str | Path, device: str = "auto") -> Checkpoint:
     # Rebuilt from the run's config with weights-only tensors: nothing in the file is unpickled.
     model = load_model(config, ckpt, device=device)
     return Checkpoint(ckpt, run_dir, config, model)
+
+
+def expand_studies(targets: Sequence[str | Path]) -> list[str | Path]:
+    """A study folder (it holds ``study.json``) stands for its trained runs, in the study's order."""
+    out: list[str | Path] = []
+    for t in targets:
+        path = Path(t)
+        if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / STUDY_FILE).is_file():
+            runs = study_runs(path)
+            if not runs:
+                raise UsageError(f"study {path} has no trained run yet: run study.py first")
+            out += runs
+        else:
+            out.append(t)
+    return out
 
 
 def check_spaces(ckpt: Checkpoint, env: VecEnv, shift: str) -> None:
@@ -178,7 +195,7 @@ def evaluate(
     """
     if episodes < 1:
         raise UsageError(f"--episodes must be positive, got {episodes}")
-    ckpts = [resolve_checkpoint(t, device) for t in targets]
+    ckpts = [resolve_checkpoint(t, device) for t in expand_studies(targets)]
     if not ckpts:
         raise UsageError("no checkpoint given: pass run directories or checkpoint files")
     plans: list[tuple[Checkpoint, list[tuple[str, ShiftSpec]]]] = []

@@ -143,6 +143,37 @@ def chart_png(results: EvaluationResults) -> bytes:
     return buf.getvalue()
 
 
+def curves_png(
+    series: dict[str, list[tuple[np.ndarray, np.ndarray]]], steps: int, title: str, ylabel: str, seed: int = 0
+) -> bytes:
+    """Learning curves: per label, the mean over its runs' curves (each ``(env steps, value)``,
+    interpolated on a common grid) and a 95% bootstrap interval of that mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    grid = np.linspace(0, steps, 61)[1:]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rng = np.random.default_rng(seed)
+    for label, curves in series.items():
+        c = np.array([np.interp(grid, x, y) for x, y in curves])
+        boot = c[rng.integers(0, len(c), (1000, len(c)))].mean(axis=1)
+        ax.plot(grid, c.mean(axis=0), label=f"{label} ({len(c)} seeds)")
+        ax.fill_between(grid, np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0), alpha=0.25)
+    ax.set_xlabel("env steps (thousands)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}"))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_outputs(results: EvaluationResults, out_dir: Path) -> list[Path]:
     """``results.json``, ``results.csv`` and ``chart.png``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)

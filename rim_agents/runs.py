@@ -39,6 +39,7 @@ VIDEO_DIR = "videos"  # visualize.py's default output
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "final_model.zip"
 LOCK_FILE = ".lock"
+STUDY_FILE = "study.json"  # marks a study folder (rim_agents.study): its runs are listed there
 _STEP_RE = re.compile(r"step_(\d+)\.zip$")
 
 
@@ -188,3 +189,24 @@ def purge_progress(tb_dir: Path, step: int) -> None:
             buffer = io.StringIO()
             csv.writer(buffer, lineterminator="\n").writerows(kept)
             atomic_write_text(path, buffer.getvalue())
+
+
+def read_progress(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's progress CSVs (the first start's and every resume's), by env step."""
+    rows: list[dict[str, str]] = []
+    for path in sorted((run_dir / TB_DIR).glob("progress*.csv")):
+        with path.open(newline="") as f:
+            rows += list(csv.DictReader(f))
+    rows.sort(key=lambda r: float(r.get("time/total_timesteps") or 0))
+    return rows
+
+
+def study_runs(root: Path) -> list[Path]:
+    """The run directories of a study folder that hold a model, in the study's order."""
+    try:
+        data = json.loads((root / STUDY_FILE).read_text())
+        listed = [Path(r["run_dir"]) for r in data["runs"].values()]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{root / STUDY_FILE} cannot be read ({e}): the study folder is damaged") from None
+    runs = [r if r.is_absolute() else root / r for r in listed]
+    return [r for r in runs if newest_model(r) is not None]

@@ -1,0 +1,1002 @@
+"""Studies: envs x variants x seeds, trained and then evaluated as Ray tasks, resumable, aggregated.
+
+A study spec (YAML, ``configs/studies/*.yaml``) names the envs (with env kwargs), the variants (a
+core plus ``KEY=VALUE`` overrides of the training config), the seeds, the budget, the evaluation
+(shifts, episodes) and, optionally, bars a variant must pass and a search space for tuning.
+:func:`run_study` turns it into ordinary run directories under the study folder::
+
+    <study>/spec.yaml                      the spec as it was run
+    <study>/study.json                     every run's state, attempts, errors and wall times
+    <study>/runs/<env>/<variant>/s<seed>/  a run directory, as train.py writes it
+    <study>/runs/<env>/<variant>/s<seed>.log
+    <study>/evaluations/<env>/<variant>/s<seed>.json   one run's evaluation (reused when unchanged)
+    <study>/results/                       results.json/.csv, chart.png (as evaluate.py writes them),
+                                           table.md, runs.md, curves_<env>.png
+    <study>/tune/                          the tuning trials' runs and tuning.json (``--tune N``)
+
+Every training run and every evaluation is a Ray task with one CPU and one torch thread (and a GPU
+fraction when the spec asks for one and the cluster has GPUs). A study started again skips finished
+runs, resumes interrupted ones from their newest checkpoint and never deletes a run folder; a task
+whose process dies (killed worker, out of memory) is submitted again, so that it resumes from its
+checkpoint, up to ``retries`` times, and every failure is recorded in ``study.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+import yaml
+
+from rim_agents.config import TrainConfig, load_config, read_yaml, yaml_error_text
+from rim_agents.errors import UsageError
+from rim_agents.evaluation import (
+    CheckpointResult,
+    EvaluationResults,
+    ShiftResult,
+    aggregate,
+    evaluate,
+)
+from rim_agents.report import curves_png, format_table, write_outputs
+from rim_agents.runs import (
+    CONFIG_FILE,
+    FINAL_MODEL,
+    STUDY_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    checkpoint_step,
+    latest_checkpoint,
+    load_run_config,
+    newest_model,
+    read_progress,
+)
+from rim_agents.stats import bootstrap_ci, iqm
+from rim_agents.training import train
+
+SPEC_FILE = "spec.yaml"
+RUNS_DIR = "runs"
+EVAL_DIR = "evaluations"
+RESULTS_DIR = "results"
+TUNE_DIR = "tune"
+METRICS = ("success", "return")
+
+# ------------------------------------------------------------------------------------------ spec
+
+
+@dataclass(frozen=True)
+class Bar:
+    """What one seed must reach (``min``) or stay under (``max``) on ``metric`` (evaluated under
+    ``none``), and the fraction of seeds that must do so."""
+
+    metric: str = "success"
+    min: float | None = None
+    max: float | None = None
+    need: float = 1.0
+
+    def passes(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def text(self) -> str:
+        parts = [f">= {self.min:g}"] if self.min is not None else []
+        parts += [f"<= {self.max:g}"] if self.max is not None else []
+        return f"{self.metric} {' and '.join(parts)} on {self.need:.0%} of seeds"
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    env: str
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    overrides: tuple[str, ...] = ()
+    bars: dict[str, Bar] = field(default_factory=dict)  # variant (or "default") -> bar
+
+    def bar(self, variant: str, core: str) -> Bar | None:
+        return self.bars.get(variant, self.bars.get(core, self.bars.get("default")))
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    core: str
+    overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] | None = None  # None: the study's seeds
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    shifts: str | tuple[str, ...] = "all"
+    episodes: int = 100
+    seed: int = 1_000_000  # env seeds disjoint from every training env's
+    deterministic: bool = False
+    n_envs: int = 8
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """Ray Tune (Optuna's TPE) over ``space``, the same number of trials for every variant, each
+    trial trained on the tuning ``seeds`` and scored on ``metric`` under ``none``."""
+
+    seeds: tuple[int, ...] = (100, 101)
+    metric: str = "success"
+    episodes: int = 50
+    steps: int | None = None  # None: the env's budget
+    space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    envs: tuple[EnvSpec, ...]
+    variants: tuple[VariantSpec, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    overrides: tuple[str, ...] = ()
+    config: str | None = None  # a config YAML every run starts from (relative to the spec)
+    evaluation: EvalSpec = EvalSpec()
+    tune: TuneSpec | None = None
+    retries: int = 2
+    gpus_per_run: float = 0.0
+    source: dict[str, Any] = field(default_factory=dict)  # the YAML as read
+
+
+def parse_seeds(value: Any, where: str) -> tuple[int, ...]:
+    """``[0, 1, 5]``, ``"0-9"``, ``"0-4,7"`` or one integer."""
+    if isinstance(value, bool):
+        raise UsageError(f"{where}: {value!r} is not a list of seeds (e.g. 0-9 or [0, 1, 2])")
+    if isinstance(value, int):
+        return (value,)
+    seeds: list[int] = []
+    try:
+        if isinstance(value, str):
+            for part in value.split(","):
+                lo, _, hi = part.strip().partition("-")
+                seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        elif isinstance(value, list):
+            seeds = [int(v) for v in value if not isinstance(v, bool)]
+            if len(seeds) != len(value):
+                raise ValueError
+        else:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{where}: {value!r} is not a list of seeds (e.g. 0-9 or [0, 1, 2])") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(f"{where}: {value!r} must name distinct non-negative seeds")
+    return tuple(seeds)
+
+
+def _mapping(data: Any, where: str, allowed: set[str], required: set[str] | None = None) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    missing = sorted((required or set()) - set(data))
+    if missing:
+        raise UsageError(f"{where}: missing key {missing[0]!r}")
+    return data
+
+
+def _overrides(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise UsageError(f"{where} must be a list of KEY=VALUE strings (e.g. [rims.k_active=4])")
+    return tuple(value)
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _bar(data: Any, where: str) -> Bar:
+    d = _mapping(data, where, {"metric", "min", "max", "need"})
+    metric = d.get("metric", "success")
+    if metric not in METRICS:
+        raise UsageError(f"{where}.metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    for key in ("min", "max"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))):
+            raise UsageError(f"{where}.{key} must be a number, got {d[key]!r}")
+    need = d.get("need", 1.0)
+    if isinstance(need, bool) or not isinstance(need, (int, float)) or not 0 < need <= 1:
+        raise UsageError(f"{where}.need must be a fraction in (0, 1], got {need!r}")
+    if "min" not in d and "max" not in d:
+        raise UsageError(f"{where} needs min or max")
+    return Bar(metric, d.get("min"), d.get("max"), float(need))
+
+
+def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
+    """A validated spec; every error is one line naming the key."""
+    top = {"name", "envs", "variants", "seeds", "steps", "overrides", "config", "evaluation", "tune"}
+    d = _mapping(data, "spec", top | {"retries", "gpus_per_run"}, {"envs", "variants", "seeds", "steps"})
+    steps = _positive_int(d["steps"], "steps")
+    seeds = parse_seeds(d["seeds"], "seeds")
+    envs_raw = d["envs"]
+    if not isinstance(envs_raw, dict) or not envs_raw:
+        raise UsageError("envs must map names to env settings, e.g. pickup-1: {env: RIMAgents/Pickup-6x6-v0}")
+    envs = []
+    for env_name, raw in envs_raw.items():
+        where = f"envs.{env_name}"
+        e = _mapping(raw, where, {"env", "env_kwargs", "steps", "overrides", "bars"}, {"env"})
+        kwargs = e.get("env_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"{where}.env_kwargs must be a mapping")
+        bars_raw = e.get("bars") or {}
+        if not isinstance(bars_raw, dict):
+            raise UsageError(f"{where}.bars must map variant names (or default) to bars")
+        bars = {str(k): _bar(v, f"{where}.bars.{k}") for k, v in bars_raw.items()}
+        env_steps = _positive_int(e["steps"], f"{where}.steps") if "steps" in e else None
+        envs.append(
+            EnvSpec(
+                str(env_name),
+                str(e["env"]),
+                dict(kwargs),
+                env_steps,
+                _overrides(e.get("overrides"), f"{where}.overrides"),
+                bars,
+            )
+        )
+    variants_raw = d["variants"]
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        raise UsageError("variants must map names to {core: ..., overrides: [...]}, e.g. rims: {core: rims}")
+    variants = []
+    for var_name, raw in variants_raw.items():
+        where = f"variants.{var_name}"
+        v = _mapping(raw if raw is not None else {}, where, {"core", "overrides", "seeds"})
+        variant_seeds = parse_seeds(v["seeds"], f"{where}.seeds") if "seeds" in v else None
+        core = str(v.get("core", var_name))
+        variants.append(
+            VariantSpec(str(var_name), core, _overrides(v.get("overrides"), f"{where}.overrides"), variant_seeds)
+        )
+    ev = _mapping(d.get("evaluation") or {}, "evaluation", {"shifts", "episodes", "seed", "deterministic", "n_envs"})
+    shifts = ev.get("shifts", "all")
+    if isinstance(shifts, list):
+        shifts = tuple(str(s) for s in shifts)
+    elif shifts != "all":
+        shifts = tuple(s for s in str(shifts).split(",") if s)
+    evaluation = EvalSpec(
+        shifts,
+        _positive_int(ev.get("episodes", 100), "evaluation.episodes"),
+        int(ev.get("seed", 1_000_000)),
+        bool(ev.get("deterministic", False)),
+        _positive_int(ev.get("n_envs", 8), "evaluation.n_envs"),
+    )
+    tune = None
+    if d.get("tune") is not None:
+        t = _mapping(d["tune"], "tune", {"seeds", "metric", "episodes", "steps", "space"}, {"space"})
+        space = t["space"]
+        if not isinstance(space, dict) or not space:
+            raise UsageError(
+                "tune.space must map config keys to distributions, e.g. ppo.learning_rate: {loguniform: [1e-4, 1e-3]}"
+            )
+        for key, dist in space.items():
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise UsageError(f"tune.space.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
+            args = next(iter(dist.values()))
+            if not isinstance(args, list) or not args:
+                raise UsageError(f"tune.space.{key} needs a list of arguments, e.g. [1.0e-4, 1.0e-3]")
+        metric = t.get("metric", "success")
+        if metric not in METRICS:
+            raise UsageError(f"tune.metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        tune_seeds = parse_seeds(t.get("seeds", [100, 101]), "tune.seeds")
+        if set(tune_seeds) & set(seeds):
+            raise UsageError(
+                "tune.seeds must differ from the study's seeds: settings are chosen on seeds never reported"
+            )
+        tune = TuneSpec(
+            tune_seeds,
+            metric,
+            _positive_int(t.get("episodes", 50), "tune.episodes"),
+            _positive_int(t["steps"], "tune.steps") if "steps" in t else None,
+            {str(k): dict(v) for k, v in space.items()},
+        )
+    retries = d.get("retries", 2)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise UsageError(f"retries must be a non-negative integer, got {retries!r}")
+    gpus = d.get("gpus_per_run", 0.0)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 1:
+        raise UsageError(f"gpus_per_run must be a fraction in [0, 1], got {gpus!r}")
+    return StudySpec(
+        str(d.get("name", name)),
+        tuple(envs),
+        tuple(variants),
+        seeds,
+        steps,
+        _overrides(d.get("overrides"), "overrides"),
+        d.get("config"),
+        evaluation,
+        tune,
+        retries,
+        float(gpus),
+        dict(d),
+    )
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file; errors are one line that starts with the file's name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(
+            f"study spec {path} does not exist: give a YAML file such as configs/studies/pickup_robustness.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UsageError(f"study spec {path} is not valid YAML: {yaml_error_text(e)}") from None
+    try:
+        spec = spec_from_dict(data, path.stem)
+    except UsageError as e:
+        raise UsageError(f"study spec {path}: {e}") from None
+    if spec.config is not None:
+        config = Path(spec.config)
+        spec = dataclasses.replace(spec, config=str(config if config.is_absolute() else path.parent / config))
+        read_yaml(config if config.is_absolute() else path.parent / config)  # fails here if missing or broken
+    return spec
+
+
+# --------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class RunPlan:
+    env: EnvSpec
+    variant: VariantSpec
+    seed: int
+    run_dir: Path
+    config: TrainConfig
+
+    @property
+    def key(self) -> str:
+        return f"{self.env.name}/{self.variant.name}/s{self.seed}"
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir.with_name(f"{self.run_dir.name}.log")
+
+
+def run_config(
+    spec: StudySpec, env: EnvSpec, variant: VariantSpec, seed: int, steps: int, extra: list[str], device: str
+) -> TrainConfig:
+    kwargs = [f"env_options.env_kwargs.{k}={json.dumps(v)}" for k, v in env.env_kwargs.items()]
+    overrides = [*kwargs, *env.overrides, *spec.overrides, *variant.overrides, *extra]
+    try:
+        return load_config(
+            env.env, variant.core, spec.config, overrides, {"seed": seed, "total_timesteps": steps, "device": device}
+        )
+    except UsageError as e:
+        raise UsageError(f"env {env.name}, variant {variant.name}: {e}") from None
+
+
+def plan_runs(
+    spec: StudySpec, root: Path, tuned: dict[str, list[str]] | None = None, device: str = "cpu"
+) -> list[RunPlan]:
+    """Every run of the study, seed-major (a study stopped early has every variant on the same seeds);
+    a folder that already holds a run with other settings is an error, before anything runs."""
+    plans = []
+    for env in spec.envs:
+        for seed in sorted({s for v in spec.variants for s in (v.seeds or spec.seeds)}):
+            for variant in spec.variants:
+                if seed not in (variant.seeds or spec.seeds):
+                    continue
+                extra = (tuned or {}).get(f"{env.name}/{variant.name}", [])
+                config = run_config(spec, env, variant, seed, env.steps or spec.steps, extra, device)
+                run_dir = root / RUNS_DIR / env.name / variant.name / f"s{seed}"
+                plan = RunPlan(env, variant, seed, run_dir, config)
+                check_existing(plan)
+                plans.append(plan)
+    return plans
+
+
+def check_existing(plan: RunPlan) -> None:
+    """A run folder from an earlier start must hold this very configuration."""
+    if not (plan.run_dir / CONFIG_FILE).is_file():
+        return
+    saved = load_run_config(plan.run_dir)
+    want, have = plan.config.identity(), saved.identity()
+    if want != have or saved.seed != plan.config.seed:
+        flat_want, flat_have = _flatten(want), _flatten(have)
+        differ = sorted(k for k in flat_want.keys() | flat_have.keys() if flat_want.get(k) != flat_have.get(k))
+        differ = differ or ["seed"]
+        raise UsageError(
+            f"{plan.run_dir} holds a run with other settings ({', '.join(differ[:4])} differ): "
+            "restore the spec, or give the study another folder"
+        )
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trained_steps(run_dir: Path) -> int:
+    """Env steps of the run's final model (0 when it has none)."""
+    final = run_dir / FINAL_MODEL
+    return checkpoint_step(final) if final.is_file() else 0
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    return (run_dir / FINAL_MODEL).is_file() and trained_steps(run_dir) >= steps
+
+
+# ------------------------------------------------------------------------------------ the tasks
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` for a while."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def train_run(run_dir: str, config: TrainConfig, log: str) -> dict[str, Any]:
+    """Bring one run to ``config.total_timesteps``: nothing when it is there, resume from the newest
+    checkpoint when there is one, else train from scratch (a folder left by a start that died before
+    its first checkpoint is renamed aside, never deleted). Idempotent, so a retry resumes."""
+    th.set_num_threads(1)
+    run = Path(run_dir)
+    started = time.time()
+    if not is_finished(run, config.total_timesteps):
+        with output_to(Path(log)):
+            print(f"--- {dt.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}", flush=True)
+            if latest_checkpoint(run) is not None or (run / FINAL_MODEL).is_file():
+                saved = load_run_config(run)
+                saved.total_timesteps, saved.device = config.total_timesteps, config.device
+                train(saved, run, resume=True, command=["study.py", "--resume", run_dir])
+            else:
+                if run.exists() and any(run.iterdir()):
+                    run.rename(run.with_name(f"{run.name}.failed-{int(time.time())}"))
+                run.parent.mkdir(parents=True, exist_ok=True)
+                train(config, run, command=["study.py", run_dir])
+    return {"wall_s": round(time.time() - started, 1), "steps": trained_steps(run), "pid": os.getpid()}
+
+
+def evaluate_run(run_dir: str, evaluation: EvalSpec, cache: str) -> dict[str, Any]:
+    """Evaluate one run's newest model under the study's shifts; the result is cached in ``cache``
+    and reused while the model and the settings are unchanged."""
+    th.set_num_threads(1)
+    run = Path(run_dir)
+    model = newest_model(run)
+    settings = dataclasses.asdict(evaluation)
+    key = {"model": str(model), "steps": checkpoint_step(model) if model else None, "settings": settings}
+    path = Path(cache)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == json.loads(json.dumps(key)):
+            return cached["result"]
+    started = time.time()
+    shifts = evaluation.shifts if evaluation.shifts == "all" else list(evaluation.shifts)
+    results = evaluate(
+        [run],
+        shifts,
+        episodes=evaluation.episodes,
+        seed=evaluation.seed,
+        deterministic=evaluation.deterministic,
+        n_envs=evaluation.n_envs,
+        device="cpu",
+    )
+    result = dataclasses.asdict(results.checkpoints[0])
+    result["wall_s"] = round(time.time() - started, 1)
+    atomic_write_text(path, json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+def checkpoint_result(data: dict[str, Any]) -> CheckpointResult:
+    data = {k: v for k, v in data.items() if k != "wall_s"}
+    shifts = {name: ShiftResult(**s) for name, s in data.pop("shifts").items()}
+    return CheckpointResult(**data, shifts=shifts)
+
+
+# ---------------------------------------------------------------------------------- the study
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+class StudyState:
+    """``study.json``: the spec, every run's state, and wall times; written atomically on change."""
+
+    def __init__(self, root: Path, spec: StudySpec, plans: list[RunPlan]) -> None:
+        self.path = root / STUDY_FILE
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        old_runs = old.get("runs", {})
+        self.data: dict[str, Any] = {
+            "name": spec.name,
+            "spec": spec.source,
+            "created": old.get("created", _now()),
+            "updated": _now(),
+            "sessions": old.get("sessions", []),
+            "tune": old.get("tune", {}),
+            "runs": {},
+        }
+        for p in plans:
+            entry = old_runs.get(p.key, {})
+            self.data["runs"][p.key] = {
+                "env": p.env.name,
+                "variant": p.variant.name,
+                "core": p.variant.core,
+                "seed": p.seed,
+                "run_dir": str(p.run_dir),
+                "steps": p.config.total_timesteps,
+                "state": "finished" if is_finished(p.run_dir, p.config.total_timesteps) else "pending",
+                "evaluated": False,
+                "attempts": entry.get("attempts", 0),
+                "errors": entry.get("errors", []),
+                "wall_train_s": entry.get("wall_train_s", 0.0),
+                "wall_eval_s": entry.get("wall_eval_s"),
+            }
+
+    def run(self, key: str) -> dict[str, Any]:
+        return self.data["runs"][key]
+
+    def counts(self) -> dict[str, int]:
+        out = {"pending": 0, "running": 0, "finished": 0, "failed": 0, "evaluated": 0}
+        for r in self.data["runs"].values():
+            out[r["state"]] += 1
+            out["evaluated"] += bool(r["evaluated"])
+        return out
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
+
+
+class Progress:
+    """One line per event and a summary line at most every ``every`` seconds: runs done, running,
+    failed, evaluations done, and an ETA from the mean wall time of the runs finished so far."""
+
+    def __init__(
+        self, state: StudyState, parallel: int, every: float = 60.0, write: Callable[[str], None] = print
+    ) -> None:
+        self.state, self.parallel, self.every, self.write = state, max(1, parallel), every, write
+        self.last = 0.0
+        self.walls: list[float] = []
+
+    def event(self, text: str) -> None:
+        self.write(f"[{dt.datetime.now():%H:%M:%S}] {text}")
+        self.tick(force=True)
+
+    def tick(self, force: bool = False) -> None:
+        if not force and time.time() - self.last < self.every:
+            return
+        self.last = time.time()
+        c = self.state.counts()
+        total = len(self.state.data["runs"])
+        remaining = c["pending"] + c["running"]
+        eta = ""
+        if self.walls and remaining:
+            minutes = np.mean(self.walls) * math.ceil(remaining / self.parallel) / 60
+            eta = f", ETA {minutes:.0f} min"
+        self.write(
+            f"  study: {c['finished']}/{total} trained, {c['running']} running, {c['failed']} failed, "
+            f"{c['evaluated']}/{total} evaluated{eta}"
+        )
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("study.py needs Ray: pip install 'rim-agents[study]' (or pip install 'ray[tune]')") from None
+    return ray
+
+
+def start_ray(address: str | None, max_parallel: int | None) -> dict[str, Any]:
+    """Connect to ``address`` (``auto`` or ``HOST:PORT``) or start a local Ray with this machine's
+    CPUs (``max_parallel`` of them when given). Returns what was started (startup time, dashboard)."""
+    ray = _ray()
+    started = time.time()
+    env_vars = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env_vars}}
+    if address is None:
+        kwargs["num_cpus"] = max_parallel or os.cpu_count() or 1
+        kwargs["include_dashboard"] = None  # Ray starts it when its dependencies (ray[default]) are installed
+    else:
+        kwargs["address"] = address
+    try:
+        context = ray.init(**kwargs)
+    except ConnectionError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {e}; start it with ray start --head") from None
+    dashboard = getattr(context, "dashboard_url", None) or None
+    return {
+        "address": address or "local",
+        "startup_s": round(time.time() - started, 2),
+        "cpus": ray.cluster_resources().get("CPU", 0),
+        "gpus": ray.cluster_resources().get("GPU", 0),
+        "dashboard": f"http://{dashboard}" if dashboard and not dashboard.startswith("http") else dashboard,
+    }
+
+
+def _is_usage_error(error: BaseException) -> bool:
+    return isinstance(error, UsageError) or isinstance(getattr(error, "cause", None), UsageError)
+
+
+def _error_line(error: BaseException) -> str:
+    cause = getattr(error, "cause", None)
+    err = cause if isinstance(cause, BaseException) else error
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def run_study(
+    spec: StudySpec,
+    root: Path,
+    address: str | None = None,
+    max_parallel: int | None = None,
+    tune_trials: int = 0,
+    write: Callable[[str], None] = print,
+    progress_every: float = 60.0,
+) -> int:
+    """Run (or continue) the study in ``root``; return the number of runs that failed."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / SPEC_FILE, yaml.safe_dump(spec.source, sort_keys=False))
+    plan_runs(spec, root)  # bad settings or a conflicting folder fail here, before Ray starts
+    ray = _ray()
+    info = start_ray(address, max_parallel)
+    parallel = max_parallel or int(info["cpus"]) or 1
+    device = "cuda" if spec.gpus_per_run > 0 and info["gpus"] > 0 else "cpu"
+    gpus = spec.gpus_per_run if device == "cuda" else 0.0
+    write(
+        f"Ray ({info['address']}): {info['cpus']:g} CPUs, {info['gpus']:g} GPUs, started in {info['startup_s']} s"
+        + (f"; dashboard {info['dashboard']}" if info["dashboard"] else "")
+    )
+    try:
+        tuned: dict[str, list[str]] = {}
+        if tune_trials > 0:
+            tuned = run_tuning(spec, root, tune_trials, parallel, device, write)
+        plans = plan_runs(spec, root, tuned, device)
+        state = StudyState(root, spec, plans)
+        state.data["tune"] = {**state.data["tune"], **({"overrides": tuned} if tuned else {})}
+        state.data["sessions"].append({"started": _now(), **info, "max_parallel": parallel})
+        state.save()
+        failed = _drive(ray, spec, root, plans, state, parallel, gpus, write, progress_every)
+        write_results(spec, root, plans, state)
+        write(f"results: {root / RESULTS_DIR}")
+        return failed
+    finally:
+        ray.shutdown()
+
+
+def _drive(
+    ray: Any,
+    spec: StudySpec,
+    root: Path,
+    plans: list[RunPlan],
+    state: StudyState,
+    parallel: int,
+    gpus: float,
+    write: Callable[[str], None],
+    progress_every: float,
+) -> int:
+    train_task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(train_run)
+    eval_task = ray.remote(num_cpus=1, max_retries=0)(evaluate_run)
+    progress = Progress(state, parallel, progress_every, write)
+    by_key = {p.key: p for p in plans}
+    queue: list[tuple[str, str]] = []  # (kind, key), trained runs are evaluated before new ones start
+    for p in plans:
+        queue.append(("eval" if state.run(p.key)["state"] == "finished" else "train", p.key))
+    in_flight: dict[Any, tuple[str, str, float]] = {}
+
+    def submit(kind: str, key: str) -> None:
+        p, run = by_key[key], state.run(key)
+        if kind == "train":
+            run["state"] = "running"
+            run["attempts"] += 1
+            ref = train_task.remote(str(p.run_dir), p.config, str(p.log))
+        else:
+            cache = root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json"
+            ref = eval_task.remote(str(p.run_dir), spec.evaluation, str(cache))
+        in_flight[ref] = (kind, key, time.time())
+
+    def handle_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle_sigterm)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < parallel:
+                evals = [i for i, q in enumerate(queue) if q[0] == "eval"]
+                submit(*queue.pop(evals[0] if evals else 0))
+            state.save()
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+            progress.tick()
+            for ref in done:
+                kind, key, _ = in_flight.pop(ref)
+                run = state.run(key)
+                try:
+                    out = ray.get(ref)
+                except Exception as e:  # a failed or killed task: recorded, retried, reported
+                    line = _error_line(e)
+                    if kind == "eval":
+                        run["errors"].append(f"evaluation: {line}")
+                        progress.event(f"evaluation FAILED {key}: {line}")
+                        continue
+                    run["errors"].append(line)
+                    retry = not _is_usage_error(e) and run["attempts"] <= spec.retries
+                    run["state"] = "pending" if retry else "failed"
+                    if retry:
+                        queue.insert(0, ("train", key))
+                    what = (
+                        f"retrying from its checkpoint ({run['attempts']}/{spec.retries + 1})" if retry else "gave up"
+                    )
+                    progress.event(f"FAILED {key}: {line}; {what}")
+                    continue
+                if kind == "train":
+                    run["state"] = "finished"
+                    run["wall_train_s"] = round(run["wall_train_s"] + out["wall_s"], 1)
+                    if out["wall_s"] > 1:
+                        progress.walls.append(out["wall_s"])
+                    queue.insert(0, ("eval", key))
+                    progress.event(f"trained {key}: {out['steps']} steps in {out['wall_s']:.0f} s")
+                else:
+                    run["evaluated"] = True
+                    run["wall_eval_s"] = out.get("wall_s")
+                    none = out["shifts"].get("none", {})
+                    score = none.get("success_rate")
+                    score = none.get("mean_return") if score is None else score
+                    progress.event(f"evaluated {key}: {score:.3f} under none")
+                state.save()
+    except KeyboardInterrupt:
+        write("stopping: asking running tasks to save a checkpoint...")
+        for ref in in_flight:
+            ray.cancel(ref)  # a KeyboardInterrupt in the task: train() saves a checkpoint first
+        with contextlib.suppress(Exception):
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
+        for kind, key, _ in in_flight.values():
+            if kind == "train":
+                state.run(key)["state"] = "pending"
+        state.save()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return state.counts()["failed"]
+
+
+# -------------------------------------------------------------------------------------- results
+
+
+def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: StudyState) -> None:
+    """Aggregate the cached evaluations (the same tables evaluate.py gives on the study folder),
+    the per-run table, the bars and the learning curves."""
+    out = root / RESULTS_DIR
+    entries: list[tuple[RunPlan, CheckpointResult]] = []
+    for p in plans:
+        cache = root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json"
+        if state.run(p.key)["evaluated"] and cache.is_file():
+            entries.append((p, checkpoint_result(json.loads(cache.read_text())["result"])))
+    if not entries:
+        return
+    ev = spec.evaluation
+    settings = {"episodes": ev.episodes, "seed": ev.seed, "deterministic": ev.deterministic}
+    checkpoints = [c for _, c in entries]
+    results = EvaluationResults(settings, checkpoints, aggregate(checkpoints, ev.seed))
+    write_outputs(results, out)
+    atomic_write_text(out / "evaluation.txt", format_table(results) + "\n")
+    atomic_write_text(out / "runs.md", runs_table(entries, state))
+    atomic_write_text(out / "table.md", variants_table(spec, entries))
+    for env in spec.envs:
+        png = learning_curves(env, [p for p in plans if p.env.name == env.name])
+        if png is not None:
+            atomic_write_bytes(out / f"curves_{env.name}.png", png)
+
+
+def _score(result: CheckpointResult, metric: str, shift: str = "none") -> float | None:
+    s = result.shifts.get(shift)
+    if s is None:
+        return None
+    return s.success_rate if metric == "success" else s.mean_return
+
+
+def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyState) -> str:
+    shifts = list(dict.fromkeys(name for _, c in entries for name in c.shifts))
+    lines = [
+        "| env | variant | seed | steps | attempts | train min | " + " | ".join(shifts) + " |",
+        "|---" * (6 + len(shifts)) + "|",
+    ]
+    for p, c in entries:
+        run = state.run(p.key)
+        cells = []
+        for name in shifts:
+            s = c.shifts.get(name)
+            value = None if s is None else (s.success_rate if s.success_rate is not None else s.mean_return)
+            cells.append("-" if value is None else f"{value:.2f}")
+        lines.append(
+            f"| {p.env.name} | {p.variant.name} | {p.seed} | {c.num_timesteps} | {run['attempts']} | "
+            f"{run['wall_train_s'] / 60:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "Per run: success rate (MiniGrid) or mean return under each shift.\n\n" + "\n".join(lines) + "\n"
+
+
+def variants_table(spec: StudySpec, entries: list[tuple[RunPlan, CheckpointResult]]) -> str:
+    """Per env x variant x shift: IQM over seeds [95% bootstrap interval], and the bar's verdict."""
+    lines = []
+    for env in spec.envs:
+        mine = [(p, c) for p, c in entries if p.env.name == env.name]
+        if not mine:
+            continue
+        shifts = list(dict.fromkeys(name for _, c in mine for name in c.shifts))
+        lines += [f"## {env.name} ({env.env})", ""]
+        lines.append("| variant | seeds | " + " | ".join(shifts) + " | bar | per seed (none) |")
+        lines.append("|---" * (4 + len(shifts)) + "|")
+        for variant in spec.variants:
+            runs = [(p, c) for p, c in mine if p.variant.name == variant.name]
+            if not runs:
+                continue
+            cells = []
+            for name in shifts:
+                values = [v for _, c in runs if (v := _score(c, "success", name)) is not None]
+                values = values or [v for _, c in runs if (v := _score(c, "return", name)) is not None]
+                if not values:
+                    cells.append("-")
+                    continue
+                low, high = bootstrap_ci(values, iqm, seed=spec.evaluation.seed)
+                cells.append(f"{iqm(values):.2f} [{low:.2f}, {high:.2f}]")
+            bar = env.bar(variant.name, variant.core)
+            metric = bar.metric if bar else ("success" if _score(runs[0][1], "success") is not None else "return")
+            scores = [(p.seed, _score(c, metric)) for p, c in runs]
+            verdict = "-"
+            if bar is not None:
+                passing = sum(bool(v is not None and bar.passes(v)) for _, v in scores)
+                met = passing / len(scores) >= bar.need
+                verdict = f"{passing}/{len(scores)} {'met' if met else 'missed'} ({bar.text()})"
+            per_seed = " ".join(f"{s}: {v:.2f}" for s, v in scores if v is not None)
+            lines.append(f"| {variant.name} | {len(runs)} | " + " | ".join(cells) + f" | {verdict} | {per_seed} |")
+        lines.append("")
+    head = (
+        f"Evaluation: {spec.evaluation.episodes} episodes per run and shift, env seeds from {spec.evaluation.seed}; "
+        "success rate (MiniGrid) or mean return; IQM over seeds with a 95% bootstrap interval.\n\n"
+    )
+    return head + "\n".join(lines)
+
+
+def learning_curves(env: EnvSpec, plans: list[RunPlan]) -> bytes | None:
+    """Training success (or return) against env steps: the mean over seeds per variant."""
+    series: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for p in plans:
+        rows = read_progress(p.run_dir)
+        column = "rollout/success_rate" if any(r.get("rollout/success_rate") for r in rows) else "rollout/ep_rew_mean"
+        rows = [r for r in rows if r.get(column)]
+        if len(rows) >= 2:
+            x = np.array([float(r["time/total_timesteps"]) for r in rows])
+            y = np.array([float(r[column]) for r in rows])
+            series.setdefault(p.variant.name, []).append((x, y))
+    if not series:
+        return None
+    steps = max(p.config.total_timesteps for p in plans)
+    return curves_png(series, steps, f"{env.name}: {env.env}", "training success or return")
+
+
+# --------------------------------------------------------------------------------------- tuning
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+
+
+def trial_dir(root: Path, env: str, variant: str, params: dict[str, Any]) -> Path:
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return root / TUNE_DIR / env / variant / f"t{digest}"
+
+
+def tune_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Ray Tune trial: train the variant with ``params`` on every tuning seed, evaluate each
+    under ``none``, report the mean score. Trial runs are ordinary run folders, reused when the
+    same settings come again."""
+    from ray import tune as ray_tune
+
+    spec: StudySpec = context["spec"]
+    env = next(e for e in spec.envs if e.name == context["env"])
+    variant = next(v for v in spec.variants if v.name == context["variant"])
+    tune_spec = spec.tune
+    assert tune_spec is not None
+    overrides = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+    folder = trial_dir(Path(context["root"]), env.name, variant.name, params)
+    scores = []
+    for seed in tune_spec.seeds:
+        steps = tune_spec.steps or env.steps or spec.steps
+        config = run_config(spec, env, variant, seed, steps, overrides, context["device"])
+        run = folder / f"s{seed}"
+        train_run(str(run), config, str(folder / f"s{seed}.log"))
+        evaluation = EvalSpec(
+            ("none",), tune_spec.episodes, spec.evaluation.seed + 500_000, n_envs=spec.evaluation.n_envs
+        )
+        result = checkpoint_result(evaluate_run(str(run), evaluation, str(folder / f"s{seed}.eval.json")))
+        score = _score(result, tune_spec.metric)
+        scores.append(float(score if score is not None else result.shifts["none"].mean_return))
+    ray_tune.report({"score": float(np.mean(scores)), "scores": scores, "folder": str(folder)})
+
+
+def run_tuning(
+    spec: StudySpec, root: Path, trials: int, parallel: int, device: str, write: Callable[[str], None]
+) -> dict[str, list[str]]:
+    """The same number of trials for every env x variant; returns each one's best overrides
+    (recorded in ``tune/tuning.json``; a variant tuned with as many trials before is not tuned again)."""
+    if spec.tune is None:
+        raise UsageError("--tune needs a tune: section in the spec (seeds, metric, space)")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables: the study prints its own lines
+    from ray import tune as ray_tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    path = root / TUNE_DIR / "tuning.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    best: dict[str, list[str]] = {}
+    space = {key: _distribution(ray_tune, dist) for key, dist in spec.tune.space.items()}
+    for env in spec.envs:
+        for variant in spec.variants:
+            key = f"{env.name}/{variant.name}"
+            done = record.get(key)
+            if done is None or done["trials"] < trials or done["space"] != spec.tune.space:
+                write(f"tuning {key}: {trials} trials on seeds {list(spec.tune.seeds)}")
+                context = {"spec": spec, "env": env.name, "variant": variant.name, "root": str(root), "device": device}
+                searcher = OptunaSearch(metric="score", mode="max", seed=0)
+                tuner = ray_tune.Tuner(
+                    ray_tune.with_resources(ray_tune.with_parameters(tune_trial, context=context), {"cpu": 1}),
+                    param_space=space,
+                    tune_config=ray_tune.TuneConfig(
+                        search_alg=searcher, num_samples=trials, max_concurrent_trials=parallel
+                    ),
+                    run_config=ray_tune.RunConfig(
+                        name=f"{env.name}-{variant.name}".replace("/", "-"),
+                        storage_path=str((root / TUNE_DIR / "ray").resolve()),
+                        verbose=0,
+                    ),
+                )
+                grid = tuner.fit()
+                rows = []
+                for i in range(len(grid)):
+                    result = grid[i]
+                    if result.error is None and result.metrics and result.config and "score" in result.metrics:
+                        params = {k: result.config[k] for k in spec.tune.space}
+                        rows.append(
+                            {"params": params, "score": result.metrics["score"], "scores": result.metrics["scores"]}
+                        )
+                if not rows:
+                    raise UsageError(f"every tuning trial of {key} failed: see {root / TUNE_DIR}")
+                rows.sort(key=lambda r: -r["score"])
+                done = {"trials": trials, "space": spec.tune.space, "seeds": list(spec.tune.seeds), "results": rows}
+                record[key] = done
+                atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+            top = done["results"][0]
+            best[key] = [f"{k}={json.dumps(v)}" for k, v in sorted(top["params"].items())]
+            write(f"tuned {key}: best {' '.join(best[key])} (score {top['score']:.3f} on tuning seeds)")
+    return best
+
+
+def _distribution(ray_tune: Any, dist: dict[str, list[Any]]) -> Any:
+    ((kind, args),) = dist.items()
+    if kind == "choice":
+        return ray_tune.choice(args)
+    return getattr(ray_tune, kind)(*args)

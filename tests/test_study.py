@@ -1,0 +1,224 @@
+"""study.py: specs are checked before anything runs; a study trains every run once, resumes a run
+whose worker was killed from its checkpoint, aggregates like evaluate.py, and trains nothing when
+started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rim_agents.cli import study_main
+from rim_agents.errors import UsageError
+from rim_agents.runs import CHECKPOINT_DIR, FINAL_MODEL, LOCK_FILE, checkpoint_step
+from rim_agents.study import Bar, load_spec, parse_seeds, plan_runs, spec_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1"]
+
+
+def tiny_spec(steps: int = 128, **extra: object) -> dict:
+    return {
+        "name": "tiny",
+        "envs": {"pickup": {"env": "RIMAgents/Pickup-6x6-v0", "env_kwargs": {"num_distractors": 1}}},
+        "variants": {"rims": {"core": "rims"}, "lstm": {"core": "lstm"}},
+        "seeds": "0-1",
+        "steps": steps,
+        "overrides": [*TINY, "checkpoint_freq=32"],
+        "evaluation": {"shifts": ["none", "novel-distractors"], "episodes": 4},
+        **extra,
+    }
+
+
+def write_spec(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------- the spec
+
+
+def test_seeds_are_read_as_ranges_lists_or_one_integer() -> None:
+    assert parse_seeds("0-3,7", "seeds") == (0, 1, 2, 3, 7)
+    assert parse_seeds([5, 2], "seeds") == (5, 2)
+    assert parse_seeds(4, "seeds") == (4,)
+    for bad in ("a-b", [1, 1], [True], "-1", None):
+        with pytest.raises(UsageError, match="seeds"):
+            parse_seeds(bad, "seeds")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stepz": 5}, "unknown key 'stepz'"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"variants": {"rims": {"core": "rims", "overide": []}}}, "variants.rims: unknown key 'overide'"),
+        ({"variants": {"rims": {"overrides": "rims.k_active=4"}}}, "variants.rims.overrides must be a list"),
+        ({"envs": {"pickup": {"env_kwargs": {}}}}, "envs.pickup: missing key 'env'"),
+        ({"tune": {"seeds": [0], "space": {"ppo.learning_rate": {"uniform": [0, 1]}}}}, "must differ"),
+        ({"tune": {"space": {"ppo.learning_rate": {"gauss": [0, 1]}}}}, "tune.space.ppo.learning_rate"),
+        ({"envs": {"p": {"env": "X", "bars": {"default": {"metric": "success"}}}}}, "needs min or max"),
+    ],
+)
+def test_bad_specs_get_one_line_naming_the_key(change: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace(".", r"\.")):
+        spec_from_dict({**tiny_spec(), **change})
+
+
+def test_plans_are_seed_major_with_each_variants_overrides(tmp_path: Path) -> None:
+    data = tiny_spec()
+    data["variants"]["rims-all-active"] = {"core": "rims", "overrides": ["rims.k_active=4"], "seeds": [1]}
+    plans = plan_runs(spec_from_dict(data), tmp_path)
+    assert [p.key for p in plans] == [
+        "pickup/rims/s0",
+        "pickup/lstm/s0",
+        "pickup/rims/s1",
+        "pickup/lstm/s1",
+        "pickup/rims-all-active/s1",
+    ]
+    assert plans[-1].config.rims.k_active == 4 and plans[0].config.rims.k_active != 4
+    assert {p.config.env_options.env_kwargs["num_distractors"] for p in plans} == {1}
+    assert [p.config.seed for p in plans] == [0, 0, 1, 1, 1]
+    assert plans[0].run_dir == tmp_path / "runs" / "pickup" / "rims" / "s0"
+
+
+def test_a_bar_passes_values_inside_its_bounds() -> None:
+    assert Bar("success", min=0.9).passes(0.9) and not Bar("success", min=0.9).passes(0.89)
+    assert Bar("success", max=0.6).passes(0.5) and not Bar("success", max=0.6).passes(0.61)
+
+
+def test_a_bad_spec_exits_2_and_creates_no_study_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = write_spec(tmp_path, {**tiny_spec(), "variants": {"rims": {"core": "transformer"}}})
+    out = tmp_path / "study"
+    assert study_main([str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown core 'transformer'" in err and "variant rims" in err
+    assert not out.exists()
+    assert study_main([str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_shipped_specs_are_valid(tmp_path: Path) -> None:
+    specs = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+    assert len(specs) >= 2
+    for path in specs:
+        spec = load_spec(path)
+        plans = plan_runs(spec, tmp_path / spec.name)
+        assert len({p.config.seed for p in plans}) >= 10, path  # the project's rule: >= 10 seeds
+
+
+# ------------------------------------------------------------------------------------- a study
+
+
+def run_study_process(spec: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "study.py"), str(spec), "--out", str(out), "--max-parallel", "2"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_study_survives_a_killed_worker_and_trains_nothing_when_started_again(tmp_path: Path) -> None:
+    steps = 1024
+    spec = write_spec(tmp_path, tiny_spec(steps))
+    out = tmp_path / "study"
+    proc = run_study_process(spec, out)
+    # Kill -9 the process training pickup/rims/s0 once it has written a checkpoint.
+    victim = out / "runs" / "pickup" / "rims" / "s0"
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list((victim / CHECKPOINT_DIR).glob("step_*.zip"))
+        pid = (victim / LOCK_FILE).read_text().strip() if (victim / LOCK_FILE).is_file() else ""
+        if ckpts and pid and not (victim / FINAL_MODEL).exists():
+            os.kill(int(pid), signal.SIGKILL)
+            killed_at = max(checkpoint_step(c) for c in ckpts)
+            break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert killed_at is not None and killed_at < steps, output
+
+    state = json.loads((out / "study.json").read_text())
+    runs = state["runs"]
+    assert len(runs) == 4 and all(r["state"] == "finished" and r["evaluated"] for r in runs.values())
+    killed = runs["pickup/rims/s0"]
+    assert killed["attempts"] == 2 and len(killed["errors"]) == 1, killed  # recorded, then retried
+    assert "FAILED pickup/rims/s0" in output and "retrying from its checkpoint" in output
+    # The retry resumed from the checkpoint: train.py's record says so and the model has every step.
+    assert "resume:" in (victim / "command.txt").read_text()
+    for r in runs.values():
+        assert checkpoint_step(Path(r["run_dir"]) / FINAL_MODEL) == steps
+    results = json.loads((out / "results" / "results.json").read_text())
+    assert len(results["checkpoints"]) == 4
+    assert {s for c in results["checkpoints"] for s in c["shifts"]} == {"none", "novel-distractors"}
+    table = (out / "results" / "table.md").read_text()
+    assert "| rims | 2 |" in table and "| lstm | 2 |" in table
+    assert (out / "results" / "curves_pickup.png").stat().st_size > 0
+
+    # Started again: nothing is trained (no attempt, no model rewritten), the results are the same.
+    models = {p: p.stat().st_mtime_ns for p in out.glob(f"runs/*/*/*/{FINAL_MODEL}")}
+    proc = run_study_process(spec, out)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "trained " not in output
+    again = json.loads((out / "study.json").read_text())["runs"]
+    assert {k: r["attempts"] for k, r in again.items()} == {k: r["attempts"] for k, r in runs.items()}
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+    assert json.loads((out / "results" / "results.json").read_text())["checkpoints"] == results["checkpoints"]
+
+    # evaluate.py on the study folder, with the study's settings, gives the same tables.
+    ev = tmp_path / "eval"
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), str(out), "--shifts", "none,novel-distractors"]
+    cmd += ["--episodes", "4", "--seed", "1000000", "--out", str(ev), "--no-tensorboard", "--no-progress"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert (ev / "results.csv").read_text() == (out / "results" / "results.csv").read_text()
+
+
+def test_a_study_folder_holding_other_settings_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "study"
+    run = out / "runs" / "pickup" / "rims" / "s0"
+    run.mkdir(parents=True)
+    spec = spec_from_dict(tiny_spec())
+    config = plan_runs(spec, out)[0].config
+    config.ppo.learning_rate = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    path = write_spec(tmp_path, tiny_spec())
+    assert study_main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (ppo.learning_rate differ)" in err
+    assert not (out / "study.json").exists()
+
+
+def test_tuning_gives_each_variant_its_own_best_settings_from_the_tuning_seeds(tmp_path: Path) -> None:
+    data = tiny_spec(64)
+    data["variants"] = {"lstm": {"core": "lstm"}}
+    data["seeds"] = [0]
+    data["evaluation"] = {"shifts": ["none"], "episodes": 2}
+    data["tune"] = {
+        "seeds": [100],
+        "episodes": 2,
+        "space": {"ppo.learning_rate": {"loguniform": [1.0e-4, 1.0e-3]}, "ppo.n_epochs": {"choice": [1, 2]}},
+    }
+    out = tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "study.py"), str(write_spec(tmp_path, data)), "--out", str(out), "--tune", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((out / "tune" / "tuning.json").read_text())["pickup/lstm"]
+    assert record["trials"] == 2 and len(record["results"]) == 2 and record["seeds"] == [100]
+    best = record["results"][0]
+    assert best["score"] == max(r["score"] for r in record["results"])
+    # The trials trained on the tuning seed only; the reported run uses the best trial's settings.
+    trial_configs = [yaml.safe_load(p.read_text()) for p in out.glob("tune/pickup/lstm/t*/s*/config.yaml")]
+    assert len(trial_configs) == 2 and {c["seed"] for c in trial_configs} == {100}
+    final = yaml.safe_load((out / "runs" / "pickup" / "lstm" / "s0" / "config.yaml").read_text())
+    assert final["seed"] == 0
+    assert final["ppo"]["learning_rate"] == pytest.approx(best["params"]["ppo.learning_rate"])
+    assert final["ppo"]["n_epochs"] == best["params"]["ppo.n_epochs"]
