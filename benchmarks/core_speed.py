@@ -7,7 +7,7 @@ noise hits them alike; we print medians and ratios to nn.LSTM(512, 384) and to t
 The loss is a fixed random projection of the output (not ``out.sum()``, whose gradient through a
 softmax is exactly zero and fills the backward pass with denormals).
 
-    python benchmarks/core_speed.py [--rounds 15] [--threads N]
+    python benchmarks/core_speed.py [--rounds 15] [--threads N] [--device cuda] [--steps T]
 """
 
 from __future__ import annotations
@@ -74,18 +74,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize)")
+    parser.add_argument("--steps", type=int, default=128, help="sequence length T")
     args = parser.parse_args()
+    device = th.device(args.device)
     if args.threads:
         th.set_num_threads(args.threads)
     th.manual_seed(0)
-    T, B, d_in, K, d_h = 128, 16, 512, 6, 64
-    x = th.randn(T, B, d_in)
-    proj = th.randn(T, B, K * d_h)
+    T, B, d_in, K, d_h = args.steps, 16, 512, 6, 64
+    x = th.randn(T, B, d_in, device=device)
+    proj = th.randn(T, B, K * d_h, device=device)
 
     rim_lstm = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1)
     rim_gru = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru", input_dropout=0.1, comm_dropout=0.1)
     lstm = nn.LSTM(d_in, K * d_h)
     reference = LoopRIMReference(d_in, K, 4, d_h)
+    for module in (rim_lstm, rim_gru, lstm, reference):
+        module.to(device)
+    sync = th.cuda.synchronize if device.type == "cuda" else lambda: None
 
     variants: dict[str, Callable[[], th.Tensor]] = {
         "nn.LSTM(512, 384)": lambda: lstm(x)[0],
@@ -96,8 +102,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.rounds):
         for name, fn in variants.items():
+            sync()
             start = time.perf_counter()
             (fn() * proj).sum().backward()
+            sync()
             elapsed = time.perf_counter() - start
             if r >= args.warmup:
                 times[name].append(elapsed)
@@ -105,7 +113,7 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base, ref = med["nn.LSTM(512, 384)"], med["per-RIM loop reference"]
     print(
-        f"forward + backward, T={T} B={B} d_in={d_in} K={K} d_h={d_h}, {th.get_num_threads()} threads, "
+        f"forward + backward on {device}, T={T} B={B} d_in={d_in} K={K} d_h={d_h}, {th.get_num_threads()} threads, "
         f"{args.rounds} rounds"
     )
     print(f"{'variant':<26}{'median s':>10}{'vs nn.LSTM':>12}{'ref / this':>12}")

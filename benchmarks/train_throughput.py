@@ -11,7 +11,7 @@ Variants, all in this process and interleaved round by round:
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
 
-    python benchmarks/train_throughput.py [--rounds 3] [--updates 2]
+    python benchmarks/train_throughput.py [--rounds 3] [--updates 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ COMMON: dict[str, Any] = {
 }
 
 
-def build(name: str, seed: int) -> Any:
-    config = load_config(ENV, "rims" if name == "ours-rims" else "lstm", flags={"seed": seed, "device": "cpu"})
+def build(name: str, seed: int, device: str = "cpu") -> Any:
+    config = load_config(ENV, "rims" if name == "ours-rims" else "lstm", flags={"seed": seed, "device": device})
     env = make_env(config)
     if name == "ppo-cnn":
-        return PPO("CnnPolicy", env, seed=seed, device="cpu", **COMMON)
+        return PPO("CnnPolicy", env, seed=seed, device=device, **COMMON)
     if name == "stock-lstm":
         return RecurrentPPO(
             "CnnLstmPolicy",
             env,
             seed=seed,
-            device="cpu",
+            device=device,
             policy_kwargs={"lstm_hidden_size": 128, "enable_critic_lstm": False},
             **COMMON,
         )
@@ -64,9 +64,10 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="ppo-cnn,stock-lstm,ours-lstm,ours-rims", help="comma-separated subset to run"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     names = args.variants.split(",")
-    models = {name: build(name, seed=0) for name in names}
+    models = {name: build(name, seed=0, device=args.device) for name in names}
     steps_per_update = 8 * 128
     for model in models.values():  # warm-up: one iteration each
         model.learn(steps_per_update)
@@ -79,7 +80,7 @@ def main() -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(
         f"{ENV}, 8 envs x 128 steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
-        f"{th.get_num_threads()} torch threads"
+        f"{th.get_num_threads()} torch threads, device {args.device}"
     )
     print(f"{'variant':<12}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}   all rounds")
     for name, m in med.items():

@@ -565,7 +565,9 @@ class RIMCore(nn.Module):
             if tuple(episode_starts.shape) != (T, B):
                 raise ValueError(f"episode_starts has shape {tuple(episode_starts.shape)}: expected (T, B) = {(T, B)}")
             starts = episode_starts.bool()
-            reset_steps = starts.any(dim=1).tolist()
+            # On the CPU, steps without a start skip the reset; on a GPU every step multiplies by
+            # ``keep`` (ones where nothing starts) rather than read the starts back to the host.
+            reset_steps = [True] * T if x.is_cuda else starts.any(dim=1).tolist()
             keep = (~starts).to(x.dtype).view(T, 1, B, 1)
 
         inputs = cell.prepare(x, tokens)
