@@ -80,19 +80,29 @@ METRICS = ("success", "return")
 @dataclass(frozen=True)
 class Bar:
     """What one seed must reach (``min``) or stay under (``max``) on ``metric`` (evaluated under
-    ``none``), and the fraction of seeds that must do so."""
+    ``none``), and the fraction of seeds that must do so. With ``of`` (a variant), ``min`` and
+    ``max`` are factors of that variant's value on the same seed (e.g. >= 0.8x none's return)."""
 
     metric: str = "success"
     min: float | None = None
     max: float | None = None
     need: float = 1.0
+    of: str | None = None
 
-    def passes(self, value: float) -> bool:
-        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+    def passes(self, value: float, reference: float | None = None) -> bool:
+        if self.of is not None:
+            if reference is None:
+                return False
+            low = None if self.min is None else self.min * reference
+            high = None if self.max is None else self.max * reference
+        else:
+            low, high = self.min, self.max
+        return (low is None or value >= low) and (high is None or value <= high)
 
     def text(self) -> str:
-        parts = [f">= {self.min:g}"] if self.min is not None else []
-        parts += [f"<= {self.max:g}"] if self.max is not None else []
+        times = f"x {self.of}'s" if self.of else ""
+        parts = [f">= {self.min:g}{times}"] if self.min is not None else []
+        parts += [f"<= {self.max:g}{times}"] if self.max is not None else []
         return f"{self.metric} {' and '.join(parts)} on {self.need:.0%} of seeds"
 
 
@@ -206,7 +216,7 @@ def _positive_int(value: Any, where: str) -> int:
 
 
 def _bar(data: Any, where: str) -> Bar:
-    d = _mapping(data, where, {"metric", "min", "max", "need"})
+    d = _mapping(data, where, {"metric", "min", "max", "need", "of"})
     metric = d.get("metric", "success")
     if metric not in METRICS:
         raise UsageError(f"{where}.metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -218,7 +228,7 @@ def _bar(data: Any, where: str) -> Bar:
         raise UsageError(f"{where}.need must be a fraction in (0, 1], got {need!r}")
     if "min" not in d and "max" not in d:
         raise UsageError(f"{where} needs min or max")
-    return Bar(metric, d.get("min"), d.get("max"), float(need))
+    return Bar(metric, d.get("min"), d.get("max"), float(need), None if d.get("of") is None else str(d["of"]))
 
 
 def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
@@ -348,6 +358,37 @@ def load_spec(path: str | Path) -> StudySpec:
         spec = dataclasses.replace(spec, config=str(config if config.is_absolute() else path.parent / config))
         read_yaml(config if config.is_absolute() else path.parent / config)  # fails here if missing or broken
     return spec
+
+
+def narrow(
+    spec: StudySpec, envs: str | None = None, variants: str | None = None, seeds: str | None = None
+) -> StudySpec:
+    """The part of a study named on the command line (comma-separated envs and variants, seeds as
+    in a spec); unknown names are an error."""
+    out = spec
+    if envs:
+        names = envs.split(",")
+        unknown = [n for n in names if n not in {e.name for e in spec.envs}]
+        if unknown:
+            raise UsageError(
+                f"--envs: {unknown[0]!r} is not in the spec (it has {', '.join(e.name for e in spec.envs)})"
+            )
+        out = dataclasses.replace(out, envs=tuple(e for e in spec.envs if e.name in names))
+    if variants:
+        names = variants.split(",")
+        known = {v.name for v in spec.variants}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(f"--variants: {unknown[0]!r} is not in the spec (it has {', '.join(sorted(known))})")
+        out = dataclasses.replace(out, variants=tuple(v for v in out.variants if v.name in names))
+    if seeds:
+        chosen = set(parse_seeds(seeds, "--seeds"))
+        kept = tuple(
+            dataclasses.replace(v, seeds=tuple(s for s in v.seeds if s in chosen) if v.seeds else None)
+            for v in out.variants
+        )
+        out = dataclasses.replace(out, seeds=tuple(s for s in out.seeds if s in chosen), variants=kept)
+    return out
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -808,7 +849,9 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
     write_outputs(results, out)
     atomic_write_text(out / "evaluation.txt", format_table(results) + "\n")
     atomic_write_text(out / "runs.md", runs_table(entries, state))
-    atomic_write_text(out / "table.md", variants_table(spec, entries))
+    summary: list[dict[str, Any]] = []
+    atomic_write_text(out / "table.md", variants_table(spec, entries, summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     for env in spec.envs:
         png = learning_curves(env, [p for p in plans if p.env.name == env.name])
         if png is not None:
@@ -842,8 +885,12 @@ def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyStat
     return "Per run: success rate (MiniGrid) or mean return under each shift.\n\n" + "\n".join(lines) + "\n"
 
 
-def variants_table(spec: StudySpec, entries: list[tuple[RunPlan, CheckpointResult]]) -> str:
-    """Per env x variant x shift: IQM over seeds [95% bootstrap interval], and the bar's verdict."""
+def variants_table(
+    spec: StudySpec, entries: list[tuple[RunPlan, CheckpointResult]], summary: list[dict[str, Any]] | None = None
+) -> str:
+    """Per env x variant x shift: IQM over seeds [95% bootstrap interval], and the bar's verdict
+    (also appended to ``summary``, one dict per env x variant)."""
+    summary = [] if summary is None else summary
     lines = []
     for env in spec.envs:
         mine = [(p, c) for p, c in entries if p.env.name == env.name]
@@ -870,10 +917,15 @@ def variants_table(spec: StudySpec, entries: list[tuple[RunPlan, CheckpointResul
             metric = bar.metric if bar else ("success" if _score(runs[0][1], "success") is not None else "return")
             scores = [(p.seed, _score(c, metric)) for p, c in runs]
             verdict = "-"
+            row: dict[str, Any] = {"env": env.name, "variant": variant.name, "metric": metric}
+            row["values"] = {str(seed): v for seed, v in scores}
             if bar is not None:
-                passing = sum(bool(v is not None and bar.passes(v)) for _, v in scores)
+                reference = {p.seed: _score(c, metric) for p, c in mine if p.variant.name == bar.of}
+                passing = sum(bool(v is not None and bar.passes(v, reference.get(s))) for s, v in scores)
                 met = passing / len(scores) >= bar.need
                 verdict = f"{passing}/{len(scores)} {'met' if met else 'missed'} ({bar.text()})"
+                row.update(bar=bar.text(), passing=passing, seeds=len(scores), met=met)
+            summary.append(row)
             per_seed = " ".join(f"{s}: {v:.2f}" for s, v in scores if v is not None)
             lines.append(f"| {variant.name} | {len(runs)} | " + " | ".join(cells) + f" | {verdict} | {per_seed} |")
         lines.append("")

@@ -222,3 +222,24 @@ def test_tuning_gives_each_variant_its_own_best_settings_from_the_tuning_seeds(t
     assert final["seed"] == 0
     assert final["ppo"]["learning_rate"] == pytest.approx(best["params"]["ppo.learning_rate"])
     assert final["ppo"]["n_epochs"] == best["params"]["ppo.n_epochs"]
+
+
+def test_a_study_can_be_narrowed_to_some_envs_variants_and_seeds() -> None:
+    from rim_agents.study import narrow
+
+    data = tiny_spec()
+    data["variants"]["rims-all-active"] = {"core": "rims", "overrides": ["rims.k_active=4"], "seeds": [0, 1]}
+    spec = narrow(spec_from_dict(data), "pickup", "lstm,rims-all-active", "1")
+    assert [v.name for v in spec.variants] == ["lstm", "rims-all-active"]
+    assert spec.seeds == (1,) and spec.variants[1].seeds == (1,)
+    with pytest.raises(UsageError, match="--variants: 'gru' is not in the spec"):
+        narrow(spec_from_dict(data), variants="gru")
+    with pytest.raises(UsageError, match="--envs: 'breakout' is not in the spec"):
+        narrow(spec_from_dict(data), envs="breakout")
+
+
+def test_a_relative_bar_compares_with_the_named_variant_on_the_same_seed() -> None:
+    bar = Bar("return", min=0.8, of="none")
+    assert bar.passes(8.0, reference=10.0) and not bar.passes(7.9, reference=10.0)
+    assert not bar.passes(100.0, reference=None)  # no reference run: not passed
+    assert bar.text() == "return >= 0.8x none's on 100% of seeds"
