@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize)")
     parser.add_argument("--steps", type=int, default=128, help="sequence length T")
+    parser.add_argument("--compile", action="store_true", help="also time RIMCore with rims.compile=default")
     args = parser.parse_args()
     device = th.device(args.device)
     if args.threads:
@@ -92,6 +93,17 @@ def main() -> None:
     for module in (rim_lstm, rim_gru, lstm, reference):
         module.to(device)
     sync = th.cuda.synchronize if device.type == "cuda" else lambda: None
+    compiled = None
+    if args.compile:
+        compiled = RIMCore(
+            d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1,
+            compile="reduce-overhead" if device.type == "cuda" else "default",
+        ).to(device)  # fmt: skip
+        start = time.perf_counter()
+        for _ in range(2):  # the first calls compile the forward and the backward
+            (compiled(x)[0] * proj).sum().backward()
+        sync()
+        print(f"compile time (RIMCore lstm, forward and backward): {time.perf_counter() - start:.1f} s")
 
     variants: dict[str, Callable[[], th.Tensor]] = {
         "nn.LSTM(512, 384)": lambda: lstm(x)[0],
@@ -99,6 +111,8 @@ def main() -> None:
         "RIMCore gru": lambda: rim_gru(x)[0],
         "per-RIM loop reference": lambda: reference(x),
     }
+    if compiled is not None:
+        variants["RIMCore lstm compiled"] = lambda: compiled(x)[0]
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.rounds):
         for name, fn in variants.items():

@@ -6,7 +6,9 @@ Variants, all in this process and interleaved round by round:
 - ``ppo-cnn``: feed-forward PPO with SB3's ``CnnPolicy`` (4 stacked frames);
 - ``stock-lstm``: sb3-contrib ``RecurrentPPO`` with ``CnnLstmPolicy``, 128 hidden, no critic LSTM;
 - ``ours-lstm``: ``RIMPPO`` + ``RIMPolicy(core="lstm")``, 128 hidden (configs/atari.yaml);
-- ``ours-rims``: ``RIMPPO`` + ``RIMPolicy(core="rims")`` with configs/atari.yaml's RIM settings.
+- ``ours-rims``: ``RIMPPO`` + ``RIMPolicy(core="rims")`` with configs/atari.yaml's RIM settings;
+- ``ours-rims-compiled`` (not in the default list): the same with ``rims.compile`` (its compile
+  time falls in the warm-up iteration, which is not timed; it is printed).
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
@@ -41,7 +43,10 @@ COMMON: dict[str, Any] = {
 
 
 def build(name: str, seed: int, device: str = "cpu") -> Any:
-    config = load_config(ENV, "rims" if name == "ours-rims" else "lstm", flags={"seed": seed, "device": device})
+    core = "rims" if name.startswith("ours-rims") else "lstm"
+    mode = "reduce-overhead" if device == "cuda" else "default"
+    overrides = [f"rims.compile={mode}"] if name == "ours-rims-compiled" else []
+    config = load_config(ENV, core, overrides=overrides, flags={"seed": seed, "device": device})
     env = make_env(config)
     if name == "ppo-cnn":
         return PPO("CnnPolicy", env, seed=seed, device=device, **COMMON)
@@ -69,8 +74,11 @@ def main() -> None:
     names = args.variants.split(",")
     models = {name: build(name, seed=0, device=args.device) for name in names}
     steps_per_update = 8 * 128
-    for model in models.values():  # warm-up: one iteration each
+    for name, model in models.items():  # warm-up: one iteration each
+        start = time.perf_counter()
         model.learn(steps_per_update)
+        if name == "ours-rims-compiled":
+            print(f"ours-rims-compiled: warm-up iteration (compiles) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, model in models.items():

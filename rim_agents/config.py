@@ -70,6 +70,9 @@ class PolicyConfig:
     normalize_images: bool = True
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class RIMConfig:
     """The settings of a RIM core, one set of defaults for :class:`rim_agents.rim.RIMCell` /
@@ -125,6 +128,10 @@ class RIMConfig:
         (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
         ``a = 1 - null``. It is 1 when the load is even and is added to whatever loss is computed
         from the core's output (:class:`AddAuxiliaryLoss`); 0 (default) adds nothing.
+    :param compile: ``"off"`` (default) or a ``torch.compile`` mode (``"default"``,
+        ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune-no-cudagraphs"``) for the
+        per-step function of the time loop. The numbers are those of the eager step (to float
+        rounding); the first calls of each shape pay the compile time (tens of seconds on a CPU).
     """
 
     num_units: int = 6
@@ -149,6 +156,7 @@ class RIMConfig:
     selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
     k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
+    compile: str = "off"  # off | a torch.compile mode for the per-step function (default, reduce-overhead, ...)
 
     def __post_init__(self) -> None:
         sizes = [
@@ -184,6 +192,8 @@ class RIMConfig:
             )
         if not 0.0 <= self.k_anneal <= 1.0:
             raise ValueError(f"RIM setting k_anneal={self.k_anneal!r} is invalid: it must lie in [0, 1]")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"RIM setting compile={self.compile!r} is invalid: use one of {', '.join(COMPILE_MODES)}")
         for name in ("selection_noise", "balance_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must be >= 0")

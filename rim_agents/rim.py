@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch as th
@@ -44,6 +46,11 @@ SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
 __all__ = ["Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]
+
+
+#: Compiled step functions, kept beside (not inside) their cells so that a cell pickles and deep-copies
+#: as a plain module.
+_COMPILED: weakref.WeakKeyDictionary[RIMCell, Callable[..., StepOutput]] = weakref.WeakKeyDictionary()
 
 
 def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
@@ -195,6 +202,7 @@ class RIMCell(nn.Module):
         self.selection_temperature = float(c.selection_temperature)
         self.selection_noise = float(c.selection_noise)
         self.balance_coef = float(c.balance_coef)
+        self.compile_mode = c.compile
         # Set by RIMCore while it tracks activity: the last communication attention (B, K, K).
         self.record_communication = False
         self.last_communication: th.Tensor | None = None
@@ -454,6 +462,16 @@ class RIMCell(nn.Module):
                 c_out = c_out + g * (c_new - c)
         return StepOutput(h_tent, c_out, mask, null_att, token_att)
 
+    def step_function(self) -> Callable[[PreparedInput, th.Tensor, th.Tensor], StepOutput]:
+        """:meth:`step`, compiled with ``torch.compile`` once per cell when ``compile`` is a mode."""
+        if self.compile_mode == "off":
+            return self.step
+        compiled = _COMPILED.get(self)
+        if compiled is None:
+            compiled = th.compile(self.step, mode=self.compile_mode, dynamic=False)
+            _COMPILED[self] = compiled
+        return compiled
+
     def initial_state(self, batch_size: int, device: th.device | str | None = None) -> State:
         """Zero state ``(h, c)``, each ``(1, batch_size, K * d_h)``."""
         dtype = self.weight_hh.dtype
@@ -584,13 +602,14 @@ class RIMCore(nn.Module):
         selected: list[th.Tensor] = []  # (K, B) masks, for the balance loss
         shares: list[th.Tensor] = []  # (K, B) input-attention shares, for the balance loss
         step_inputs: list[PreparedInput] = list(inputs.unbind())
+        step = cell.step_function()
         for t, step_input in enumerate(step_inputs):
             if reset_steps[t]:
                 assert keep is not None
                 h = h * keep[t]
                 if cell.cell_type == "lstm":
                     c = c * keep[t]
-            h, c, mask, null_att, token_att = cell.step(step_input, h, c)
+            h, c, mask, null_att, token_att = step(step_input, h, c)
             outs.append(h * mask.unsqueeze(-1) if cell.mask_output and mask is not None else h)
             if balance and mask is not None and null_att is not None:
                 selected.append(mask)

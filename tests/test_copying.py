@@ -12,7 +12,7 @@ import torch as th
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import copying  # noqa: E402
+import copying
 
 
 def test_the_data_is_the_authors_copying_data() -> None:
@@ -31,7 +31,9 @@ def test_the_loss_covers_every_position_and_the_output_phase_separately() -> Non
     y[-10:] = 3  # wrong on the output phase only
     everywhere, output = copying.losses(logits, y)
     assert output.item() == pytest.approx(10.0 + np.log(1 + 19 * np.exp(-10.0)), abs=1e-4)
-    assert everywhere.item() == pytest.approx((15 * everywhere.new_tensor(0.0).item() + 10 * output.item()) / 25, abs=1e-3)
+    assert everywhere.item() == pytest.approx(
+        (15 * everywhere.new_tensor(0.0).item() + 10 * output.item()) / 25, abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("name", copying.MODELS)
