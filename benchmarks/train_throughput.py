@@ -90,11 +90,11 @@ def main() -> None:
         f"{ENV}, 8 envs x 128 steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
         f"{th.get_num_threads()} torch threads, device {args.device}"
     )
-    print(f"{'variant':<12}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}   all rounds")
+    print(f"{'variant':<20}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}   all rounds")
     for name, m in med.items():
         vs_stock = f"{m / med['stock-lstm']:.2f}x" if "stock-lstm" in med else "-"
         vs_ff = f"{m / med['ppo-cnn']:.2f}x" if "ppo-cnn" in med else "-"
-        print(f"{name:<12}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}   {', '.join(f'{r:.1f}' for r in rates[name])}")
+        print(f"{name:<20}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}   {', '.join(f'{r:.1f}' for r in rates[name])}")
 
 
 if __name__ == "__main__":
