@@ -301,17 +301,28 @@ class RIMCell(nn.Module):
         if tokens:
             return TokenInput(keys, values, bias)
         # Fold each RIM's query map into the keys: score_ih = h_i . (W_q,i[:, h] k_h) / sqrt(d_k).
-        w_q = self.input_query.unflatten(-1, (H, self.input_key_size)) * (self.input_key_size**-0.5)
-        score_proj = th.einsum("tbhe,kdhe->tkbdh", keys, w_q)
+        scale = self.input_key_size**-0.5
         score_bias = None
         if self.input_query_bias:
-            b_q = self.input_query_b.view(K, H, self.input_key_size) * (self.input_key_size**-0.5)
+            b_q = self.input_query_b.view(K, H, self.input_key_size) * scale
             score_bias = th.einsum("tbhe,khe->tkbh", keys, b_q).contiguous()
+        if H == 1:
+            # One head: batched products against the weights as stored, (K, d_in, d_out). einsum would
+            # permute (copy) the whole weight first, which costs more than the product when T*B is
+            # small (one rollout step).
+            T = x.shape[0]
+            keys_2d, values_2d = keys.reshape(T * B, -1), values.reshape(T * B, -1)
+            w_q = self.input_query.transpose(1, 2)  # (K, d_k, d_h), a view
+            score_proj = th.bmm((keys_2d * scale).expand(K, -1, -1), w_q)  # (K, T*B, d_h)
+            gate_proj = th.bmm(values_2d.expand(K, -1, -1), self.weight_ih)  # (K, T*B, G*d_h)
+            score_proj = score_proj.view(K, T, B, -1).transpose(0, 1)
+            gate_proj = gate_proj.view(K, T, B, -1).transpose(0, 1)
+            return VectorInput(score_proj.contiguous(), score_bias, gate_proj.contiguous(), bias)
+        w_q = self.input_query.unflatten(-1, (H, self.input_key_size)) * scale
+        score_proj = th.einsum("tbhe,kdhe->tkbdh", keys, w_q)
         # Fold each RIM's cell input weights into the values: W_ih,i A_i = sum_h p_ih (W_ih,i[h] v_h).
         w_ih = self.weight_ih.unflatten(1, (H, self.input_value_size // H))
         gate_proj = th.einsum("tbhv,khvg->tkbhg", values, w_ih)
-        if H == 1:
-            score_proj, gate_proj = score_proj.squeeze(-1), gate_proj.squeeze(-2)
         return VectorInput(score_proj.contiguous(), score_bias, gate_proj.contiguous(), bias)
 
     # ------------------------------------------------------------------ one step
