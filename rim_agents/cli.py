@@ -30,7 +30,7 @@ from rim_agents.runs import (
 )
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
-from rim_agents.study import STUDY_FILE, load_spec, narrow, plan_runs, run_study
+from rim_agents.study import STUDY_FILE, load_spec, narrow, plan_runs, run_study, write_study_results
 from rim_agents.training import Interrupted, train
 from rim_agents.visualize import (
     action_names,
@@ -271,6 +271,11 @@ def study_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-parallel", type=int, help="tasks at a time (default: the cluster's CPUs)")
     p.add_argument("--tune", type=int, default=0, metavar="N", help="first tune each variant with N Ray Tune trials")
     p.add_argument("--status", action="store_true", help="print the study's progress from study.json; start nothing")
+    p.add_argument(
+        "--results-only",
+        action="store_true",
+        help="rewrite <out>/results from the runs evaluated so far; start nothing",
+    )
     p.add_argument("--envs", help="run only these of the spec's envs (comma-separated)")
     p.add_argument("--variants", help="run only these of the spec's variants (comma-separated)")
     p.add_argument("--seeds", help="run only these of the spec's seeds, e.g. 0-4")
@@ -290,13 +295,19 @@ def study_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--tune must be a number of trials, got {args.tune}")
         spec = load_spec(args.spec)
         out = Path(args.out) if args.out else Path("studies") / spec.name
-        spec = narrow(spec, args.envs, args.variants, args.seeds)
+        whole, spec = spec, narrow(spec, args.envs, args.variants, args.seeds)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file: give a folder")
         if args.status:
             return _study_status(out)
+        if args.results_only:
+            n = write_study_results(whole, out)
+            print(f"results of {n} evaluated runs: {out / 'results'}")
+            return 0
         plan_runs(spec, out)  # bad settings fail before the folder is created
         failed = run_study(spec, out, args.address, args.max_parallel, args.tune)
+        if spec != whole:  # the results cover every run of the spec evaluated so far, not only these
+            write_study_results(whole, out)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

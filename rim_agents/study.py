@@ -583,7 +583,8 @@ class StudyState:
             "updated": _now(),
             "sessions": old.get("sessions", []),
             "tune": old.get("tune", {}),
-            "runs": {},
+            # Runs of earlier starts that this one does not plan (a narrowed spec) keep their entries.
+            "runs": dict(old_runs),
         }
         for p in plans:
             entry = old_runs.get(p.key, {})
@@ -731,6 +732,20 @@ def run_study(
         return failed
     finally:
         ray.shutdown()
+
+
+def write_study_results(spec: StudySpec, root: Path) -> int:
+    """Rewrite ``<root>/results`` from every planned run evaluated so far; start nothing. Returns
+    the number of runs aggregated."""
+    if not (root / STUDY_FILE).is_file():
+        raise UsageError(f"no study in {root} yet (no {STUDY_FILE}): start it without --results-only")
+    tuned = json.loads((root / STUDY_FILE).read_text()).get("tune", {}).get("overrides", {})
+    plans = plan_runs(spec, root, tuned)
+    state = StudyState(root, spec, plans)
+    for p in plans:
+        state.run(p.key)["evaluated"] = (root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json").is_file()
+    write_results(spec, root, plans, state)
+    return sum(bool(state.run(p.key)["evaluated"]) for p in plans)
 
 
 def _drive(

@@ -173,6 +173,19 @@ def test_a_study_survives_a_killed_worker_and_trains_nothing_when_started_again(
     assert {p: p.stat().st_mtime_ns for p in models} == models
     assert json.loads((out / "results" / "results.json").read_text())["checkpoints"] == results["checkpoints"]
 
+    # A narrowed start (one variant) keeps every run in study.json and the results; --results-only
+    # rewrites the results from what was evaluated, without Ray.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "study.py"), str(spec), "--out", str(out), "--variants", "lstm", "--seeds", "1"],
+        cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(json.loads((out / "study.json").read_text())["runs"]) == set(runs)
+    assert len(json.loads((out / "results" / "results.json").read_text())["checkpoints"]) == 4
+    (out / "results" / "results.json").unlink()
+    assert study_main([str(spec), "--out", str(out), "--results-only"]) == 0
+    assert json.loads((out / "results" / "results.json").read_text())["checkpoints"] == results["checkpoints"]
+
     # evaluate.py on the study folder, with the study's settings, gives the same tables.
     ev = tmp_path / "eval"
     cmd = [sys.executable, str(ROOT / "evaluate.py"), str(out), "--shifts", "none,novel-distractors"]

@@ -1,0 +1,48 @@
+"""GPU-readiness of the RIM loop: nothing inside a step, or inside the time loop, reads a tensor back
+to the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``float()/int()/bool()`` on a
+value), which would stall a GPU once per step."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+
+from rim_agents.rim import RIMCell, RIMCore
+
+SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
+SYNC_BUILTINS = {"float", "int", "bool"}
+STEP_METHODS = (
+    "step", "_attend_vector", "_attend_tokens", "_top_k_mask", "_straight_through", "_cell",
+    "_communicate", "_comm_update",
+)  # fmt: skip
+
+
+def host_reads(node: ast.AST) -> list[str]:
+    found = []
+    for call in ast.walk(node):
+        if not isinstance(call, ast.Call):
+            continue
+        if isinstance(call.func, ast.Attribute) and call.func.attr in SYNC_METHODS:
+            found.append(f".{call.func.attr}() at line {call.lineno}")
+        if isinstance(call.func, ast.Name) and call.func.id in SYNC_BUILTINS:
+            found.append(f"{call.func.id}() at line {call.lineno}")
+    return found
+
+
+def test_a_step_reads_nothing_back_to_the_host() -> None:
+    for name in STEP_METHODS:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(RIMCell, name))))
+        assert host_reads(tree) == [], name
+
+
+def test_the_time_loop_reads_nothing_back_to_the_host() -> None:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(RIMCore.run)))
+    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For) and "step_input" in ast.unparse(n.target)]
+    assert len(loops) == 1
+    assert host_reads(loops[0]) == []
+
+
+def test_the_checker_finds_host_reads() -> None:
+    code = "def f(x):\n    for t in x:\n        y = t.item() + float(t)\n"
+    assert host_reads(ast.parse(code)) == [".item() at line 3", "float() at line 3"]
