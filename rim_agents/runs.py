@@ -146,9 +146,10 @@ class RunLock:
     left by a killed process never blocks. The file keeps the holder's pid for the error message.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, holder: str = "training process", hint: str = "choose another --run-dir") -> None:
         self.path = run_dir / LOCK_FILE
         self.fd: int | None = None
+        self.holder, self.hint = holder, hint
 
     def acquire(self) -> RunLock:
         try:
@@ -161,8 +162,8 @@ class RunLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UsageError(
-                f"run directory {self.path.parent} is in use by another training process (pid {holder}): "
-                "wait for it to finish or choose another --run-dir"
+                f"{'run directory' if self.holder == 'training process' else 'folder'} {self.path.parent} is in use "
+                f"by another {self.holder} (pid {holder}): wait for it to finish or {self.hint}"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -56,6 +56,7 @@ from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
     STUDY_FILE,
+    RunLock,
     atomic_write_bytes,
     atomic_write_text,
     checkpoint_step,
@@ -704,11 +705,29 @@ def run_study(
     write: Callable[[str], None] = print,
     progress_every: float = 60.0,
 ) -> int:
-    """Run (or continue) the study in ``root``; return the number of runs that failed."""
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / SPEC_FILE, yaml.safe_dump(spec.source, sort_keys=False))
+    """Run (or continue) the study in ``root``; return the number of runs that failed. One study
+    process at a time works in a folder (a second gets a one-line error)."""
     plan_runs(spec, root)  # bad settings or a conflicting folder fail here, before Ray starts
     ray = _ray()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(root, "study.py", "give the study another --out").acquire()
+    try:
+        return _run_locked(ray, spec, root, address, max_parallel, tune_trials, write, progress_every)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    ray: Any,
+    spec: StudySpec,
+    root: Path,
+    address: str | None,
+    max_parallel: int | None,
+    tune_trials: int,
+    write: Callable[[str], None],
+    progress_every: float,
+) -> int:
+    atomic_write_text(root / SPEC_FILE, yaml.safe_dump(spec.source, sort_keys=False))
     info = start_ray(address, max_parallel)
     parallel = max_parallel or int(info["cpus"]) or 1
     device = "cuda" if spec.gpus_per_run > 0 and info["gpus"] > 0 else "cpu"

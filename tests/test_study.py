@@ -256,3 +256,19 @@ def test_a_relative_bar_compares_with_the_named_variant_on_the_same_seed() -> No
     assert bar.passes(8.0, reference=10.0) and not bar.passes(7.9, reference=10.0)
     assert not bar.passes(100.0, reference=None)  # no reference run: not passed
     assert bar.text() == "return >= 0.8x none's on 100% of seeds"
+
+
+def test_a_second_study_process_on_one_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from rim_agents.runs import RunLock
+
+    out = tmp_path / "study"
+    out.mkdir()
+    held = RunLock(out, "study.py").acquire()  # as a running study.py holds it
+    try:
+        assert study_main([str(write_spec(tmp_path, tiny_spec())), "--out", str(out)]) == 2
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: folder {out} is in use by another study.py (pid ")
+    assert err.endswith("wait for it to finish or give the study another --out")
+    assert not (out / "study.json").exists() and not (out / "runs").exists()
