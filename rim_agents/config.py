@@ -355,6 +355,17 @@ def _validate_schedule(value: float | str, key: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ loading
+def flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"ppo": {"n_epochs": 4}}`` -> ``{"ppo.n_epochs": 4}`` (the dotted keys of overrides)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: give the path of a YAML file")

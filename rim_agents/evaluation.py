@@ -22,7 +22,7 @@ import numpy as np
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv
 
-from rim_agents.config import TrainConfig, env_family
+from rim_agents.config import TrainConfig, env_family, flat_keys
 from rim_agents.errors import UsageError
 from rim_agents.models import load_model, make_env
 from rim_agents.ppo import RIMPPO
@@ -265,23 +265,13 @@ def evaluate(
     return report()
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def aggregate(results: list[CheckpointResult], seed: int = 0) -> list[GroupResult]:
     """Group checkpoints whose configs differ only in run-only settings; IQM and stratified bootstrap."""
     groups: dict[str, list[CheckpointResult]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
     envs = {r.env for r in results}
-    flat = {key: _flatten(json.loads(key)) for key in groups}
+    flat = {key: flat_keys(json.loads(key)) for key in groups}
     out = []
     for key, members in groups.items():
         first = members[0]

@@ -42,7 +42,7 @@ import numpy as np
 import torch as th
 import yaml
 
-from rim_agents.config import TrainConfig, load_config, read_yaml, yaml_error_text
+from rim_agents.config import TrainConfig, flat_keys, load_config, read_yaml, yaml_error_text
 from rim_agents.errors import UsageError
 from rim_agents.evaluation import (
     CheckpointResult,
@@ -452,23 +452,13 @@ def check_existing(plan: RunPlan) -> None:
     saved = load_run_config(plan.run_dir)
     want, have = plan.config.identity(), saved.identity()
     if want != have or saved.seed != plan.config.seed:
-        flat_want, flat_have = _flatten(want), _flatten(have)
+        flat_want, flat_have = flat_keys(want), flat_keys(have)
         differ = sorted(k for k in flat_want.keys() | flat_have.keys() if flat_want.get(k) != flat_have.get(k))
         differ = differ or ["seed"]
         raise UsageError(
             f"{plan.run_dir} holds a run with other settings ({', '.join(differ[:4])} differ): "
             "restore the spec, or give the study another folder"
         )
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def trained_steps(run_dir: Path) -> int:
