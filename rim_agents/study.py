@@ -73,7 +73,9 @@ RUNS_DIR = "runs"
 EVAL_DIR = "evaluations"
 RESULTS_DIR = "results"
 TUNE_DIR = "tune"
-METRICS = ("success", "return")
+#: success and return: of the evaluation under none; train_return: the last logged mean return of
+#: the run's last 100 training episodes (``rollout/ep_rew_mean``).
+METRICS = ("success", "return", "train_return")
 
 # ------------------------------------------------------------------------------------------ spec
 
@@ -100,11 +102,14 @@ class Bar:
             low, high = self.min, self.max
         return (low is None or value >= low) and (high is None or value <= high)
 
-    def text(self) -> str:
+    def condition(self) -> str:
         times = f"x {self.of}'s" if self.of else ""
         parts = [f">= {self.min:g}{times}"] if self.min is not None else []
         parts += [f"<= {self.max:g}{times}"] if self.max is not None else []
-        return f"{self.metric} {' and '.join(parts)} on {self.need:.0%} of seeds"
+        return f"{self.metric} {' and '.join(parts)}"
+
+    def text(self) -> str:
+        return f"{self.condition()} on {self.need:.0%} of seeds"
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,11 @@ class EnvSpec:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
     overrides: tuple[str, ...] = ()
-    bars: dict[str, Bar] = field(default_factory=dict)  # variant (or "default") -> bar
+    bars: dict[str, tuple[Bar, ...]] = field(default_factory=dict)  # variant (or "default") -> its bars
 
-    def bar(self, variant: str, core: str) -> Bar | None:
-        return self.bars.get(variant, self.bars.get(core, self.bars.get("default")))
+    def bar(self, variant: str, core: str) -> tuple[Bar, ...]:
+        """The bars a seed of ``variant`` must all pass (none: no bar)."""
+        return self.bars.get(variant, self.bars.get(core, self.bars.get("default", ())))
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,10 @@ def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
         bars_raw = e.get("bars") or {}
         if not isinstance(bars_raw, dict):
             raise UsageError(f"{where}.bars must map variant names (or default) to bars")
-        bars = {str(k): _bar(v, f"{where}.bars.{k}") for k, v in bars_raw.items()}
+        bars = {
+            str(k): tuple(_bar(b, f"{where}.bars.{k}") for b in (v if isinstance(v, list) else [v]))
+            for k, v in bars_raw.items()
+        }
         env_steps = _positive_int(e["steps"], f"{where}.steps") if "steps" in e else None
         envs.append(
             EnvSpec(
@@ -882,7 +891,22 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
             atomic_write_bytes(out / f"curves_{env.name}.png", png)
 
 
+def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
+    """Whether one run passes ``bar`` (a relative bar reads the named variant's run of the same seed)."""
+    value = _score(result, bar.metric)
+    if value is None:
+        return False
+    reference = None
+    if bar.of is not None:
+        ref = [c for p, c in mine if p.variant.name == bar.of and p.seed == plan.seed]
+        reference = _score(ref[0], bar.metric) if ref else None
+    return bar.passes(value, reference)
+
+
 def _score(result: CheckpointResult, metric: str, shift: str = "none") -> float | None:
+    if metric == "train_return":
+        rows = [r for r in read_progress(Path(result.run_dir)) if r.get("rollout/ep_rew_mean")]
+        return float(rows[-1]["rollout/ep_rew_mean"]) if rows else None
     s = result.shifts.get(shift)
     if s is None:
         return None
@@ -937,18 +961,19 @@ def variants_table(
                     continue
                 low, high = bootstrap_ci(values, iqm, seed=spec.evaluation.seed)
                 cells.append(f"{iqm(values):.2f} [{low:.2f}, {high:.2f}]")
-            bar = env.bar(variant.name, variant.core)
-            metric = bar.metric if bar else ("success" if _score(runs[0][1], "success") is not None else "return")
+            bars = env.bar(variant.name, variant.core)
+            metric = bars[0].metric if bars else "success" if _score(runs[0][1], "success") is not None else "return"
             scores = [(p.seed, _score(c, metric)) for p, c in runs]
             verdict = "-"
             row: dict[str, Any] = {"env": env.name, "variant": variant.name, "metric": metric}
             row["values"] = {str(seed): v for seed, v in scores}
-            if bar is not None:
-                reference = {p.seed: _score(c, metric) for p, c in mine if p.variant.name == bar.of}
-                passing = sum(bool(v is not None and bar.passes(v, reference.get(s))) for s, v in scores)
-                met = passing / len(scores) >= bar.need
-                verdict = f"{passing}/{len(scores)} {'met' if met else 'missed'} ({bar.text()})"
-                row.update(bar=bar.text(), passing=passing, seeds=len(scores), met=met)
+            if bars:
+                passed = [all(_passes(bar, p, c, mine) for bar in bars) for p, c in runs]
+                need = max(bar.need for bar in bars)
+                met = sum(passed) / len(passed) >= need
+                text = f"{' and '.join(bar.condition() for bar in bars)} on {need:.0%} of seeds"
+                verdict = f"{sum(passed)}/{len(passed)} {'met' if met else 'missed'} ({text})"
+                row.update(bar=text, passing=sum(passed), seeds=len(passed), met=met)
             summary.append(row)
             per_seed = " ".join(f"{s}: {v:.2f}" for s, v in scores if v is not None)
             lines.append(f"| {variant.name} | {len(runs)} | " + " | ".join(cells) + f" | {verdict} | {per_seed} |")

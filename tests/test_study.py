@@ -272,3 +272,29 @@ def test_a_second_study_process_on_one_folder_is_refused(tmp_path: Path, capsys:
     assert err.startswith(f"error: folder {out} is in use by another study.py (pid ")
     assert err.endswith("wait for it to finish or give the study another --out")
     assert not (out / "study.json").exists() and not (out / "runs").exists()
+
+
+def test_a_variant_may_have_several_bars_and_train_return_reads_the_training_curve(tmp_path: Path) -> None:
+    from rim_agents.evaluation import CheckpointResult
+    from rim_agents.study import _passes, _score
+
+    data = tiny_spec()
+    data["envs"]["pickup"]["bars"] = {
+        "rims": [{"metric": "train_return", "min": 5}, {"metric": "train_return", "min": 0.8, "of": "lstm"}]
+    }
+    spec = spec_from_dict(data)
+    bars = spec.envs[0].bar("rims", "rims")
+    assert len(bars) == 2 and spec.envs[0].bar("lstm", "lstm") == ()
+    plans = {p.key: p for p in plan_runs(spec, tmp_path)}
+    results = {}
+    for key, value in (("pickup/rims/s0", 9.0), ("pickup/lstm/s0", 10.0), ("pickup/rims/s1", 7.0)):
+        tb = tmp_path / key / "tb"
+        tb.mkdir(parents=True)
+        rows = "time/total_timesteps,rollout/ep_rew_mean\n64,1.0\n128," + str(value) + "\n"
+        (tb / "progress.csv").write_text(rows)
+        results[key] = CheckpointResult("m", str(tmp_path / key), "e", "rims", 0, 128, "g")
+    assert _score(results["pickup/rims/s0"], "train_return") == 9.0  # the last logged value
+    mine = [(plans[k], r) for k, r in results.items()]
+    assert all(_passes(b, plans["pickup/rims/s0"], results["pickup/rims/s0"], mine) for b in bars)  # 9 >= 5, >= 8
+    # seed 1 has no lstm run to compare with: the relative bar is not passed
+    assert not all(_passes(b, plans["pickup/rims/s1"], results["pickup/rims/s1"], mine) for b in bars)
