@@ -211,3 +211,15 @@ def study_runs(root: Path) -> list[Path]:
         raise UsageError(f"{root / STUDY_FILE} cannot be read ({e}): the study folder is damaged") from None
     runs = [r if r.is_absolute() else root / r for r in listed]
     return [r for r in runs if newest_model(r) is not None]
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """Training wall time from the run's own logs: the last ``time/time_elapsed`` of each progress
+    CSV (the first start's and every resume's), summed; None when nothing was logged."""
+    total, found = 0.0, False
+    for path in sorted((run_dir / TB_DIR).glob("progress*.csv")):
+        with path.open(newline="") as f:
+            values = [float(r["time/time_elapsed"]) for r in csv.DictReader(f) if r.get("time/time_elapsed")]
+        if values:
+            total, found = total + max(values), True
+    return total if found else None

@@ -64,6 +64,7 @@ from rim_agents.runs import (
     load_run_config,
     newest_model,
     read_progress,
+    train_seconds,
 )
 from rim_agents.stats import bootstrap_ci, iqm
 from rim_agents.training import train
@@ -916,7 +917,7 @@ def _score(result: CheckpointResult, metric: str, shift: str = "none") -> float 
 def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyState) -> str:
     shifts = list(dict.fromkeys(name for _, c in entries for name in c.shifts))
     lines = [
-        "| env | variant | seed | steps | attempts | train min | " + " | ".join(shifts) + " |",
+        "| env | variant | seed | steps | attempts | train min (logged) | " + " | ".join(shifts) + " |",
         "|---" * (6 + len(shifts)) + "|",
     ]
     for p, c in entries:
@@ -926,11 +927,18 @@ def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyStat
             s = c.shifts.get(name)
             value = None if s is None else (s.success_rate if s.success_rate is not None else s.mean_return)
             cells.append("-" if value is None else f"{value:.2f}")
+        seconds = train_seconds(p.run_dir)
+        minutes = "-" if seconds is None else f"{seconds / 60:.1f}"
         lines.append(
-            f"| {p.env.name} | {p.variant.name} | {p.seed} | {c.num_timesteps} | {run['attempts']} | "
-            f"{run['wall_train_s'] / 60:.1f} | " + " | ".join(cells) + " |"
+            f"| {p.env.name} | {p.variant.name} | {p.seed} | {c.num_timesteps} | {run['attempts']} | {minutes} | "
+            + " | ".join(cells)
+            + " |"
         )
-    return "Per run: success rate (MiniGrid) or mean return under each shift.\n\n" + "\n".join(lines) + "\n"
+    head = (
+        "Per run: success rate (MiniGrid) or mean return under each shift; training minutes as the run "
+        "logged them (time/time_elapsed, every resume included), on whatever machine it shared.\n\n"
+    )
+    return head + "\n".join(lines) + "\n"
 
 
 def variants_table(

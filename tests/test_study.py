@@ -298,3 +298,14 @@ def test_a_variant_may_have_several_bars_and_train_return_reads_the_training_cur
     assert all(_passes(b, plans["pickup/rims/s0"], results["pickup/rims/s0"], mine) for b in bars)  # 9 >= 5, >= 8
     # seed 1 has no lstm run to compare with: the relative bar is not passed
     assert not all(_passes(b, plans["pickup/rims/s1"], results["pickup/rims/s1"], mine) for b in bars)
+
+
+def test_training_time_is_read_from_the_runs_own_logs_every_resume_included(tmp_path: Path) -> None:
+    from rim_agents.runs import train_seconds
+
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    (tb / "progress.csv").write_text("time/total_timesteps,time/time_elapsed\n64,40\n128,100\n")
+    (tb / "progress_resume128.csv").write_text("time/total_timesteps,time/time_elapsed\n192,50\n")
+    assert train_seconds(tmp_path) == 150.0
+    assert train_seconds(tmp_path / "missing") is None
