@@ -842,9 +842,10 @@ def _drive(
                     run["evaluated"] = True
                     run["wall_eval_s"] = out.get("wall_s")
                     none = out["shifts"].get("none", {})
-                    score = none.get("success_rate")
-                    score = none.get("mean_return") if score is None else score
-                    progress.event(f"evaluated {key}: {score:.3f} under none")
+                    success = none.get("success_rate")
+                    what = f"return {none.get('mean_return', float('nan')):.3f}"
+                    what += f", success {success:.3f}" if success is not None else ""
+                    progress.event(f"evaluated {key}: {what} under none")
                 state.save()
     except KeyboardInterrupt:
         write("stopping: asking running tasks to save a checkpoint...")
@@ -892,6 +893,16 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
             atomic_write_bytes(out / f"curves_{env.name}.png", png)
 
 
+def display_metric(env: EnvSpec, result: CheckpointResult) -> str:
+    """What a table shows for an env: its bars' evaluation metric, else the success rate where the
+    env reports one, else the mean return."""
+    for bars in env.bars.values():
+        for bar in bars:
+            if bar.metric in ("success", "return"):
+                return bar.metric
+    return "success" if _score(result, "success") is not None else "return"
+
+
 def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
     """Whether one run passes ``bar`` (a relative bar reads the named variant's run of the same seed)."""
     value = _score(result, bar.metric)
@@ -922,10 +933,10 @@ def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyStat
     ]
     for p, c in entries:
         run = state.run(p.key)
+        metric = display_metric(p.env, c)
         cells = []
         for name in shifts:
-            s = c.shifts.get(name)
-            value = None if s is None else (s.success_rate if s.success_rate is not None else s.mean_return)
+            value = _score(c, metric, name)
             cells.append("-" if value is None else f"{value:.2f}")
         seconds = train_seconds(p.run_dir)
         minutes = "-" if seconds is None else f"{seconds / 60:.1f}"
@@ -935,7 +946,8 @@ def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyStat
             + " |"
         )
     head = (
-        "Per run: success rate (MiniGrid) or mean return under each shift; training minutes as the run "
+        "Per run: each env's metric (its bars', else the success rate where the env reports one, else the "
+        "mean return) under each shift; training minutes as the run "
         "logged them (time/time_elapsed, every resume included), on whatever machine it shared.\n\n"
     )
     return head + "\n".join(lines) + "\n"
@@ -953,7 +965,7 @@ def variants_table(
         if not mine:
             continue
         shifts = list(dict.fromkeys(name for _, c in mine for name in c.shifts))
-        lines += [f"## {env.name} ({env.env})", ""]
+        lines += [f"## {env.name} ({env.env}): {display_metric(env, mine[0][1])}", ""]
         lines.append("| variant | seeds | " + " | ".join(shifts) + " | bar | per seed (none) |")
         lines.append("|---" * (4 + len(shifts)) + "|")
         for variant in spec.variants:
@@ -961,16 +973,16 @@ def variants_table(
             if not runs:
                 continue
             cells = []
+            shown = display_metric(env, runs[0][1])
             for name in shifts:
-                values = [v for _, c in runs if (v := _score(c, "success", name)) is not None]
-                values = values or [v for _, c in runs if (v := _score(c, "return", name)) is not None]
+                values = [v for _, c in runs if (v := _score(c, shown, name)) is not None]
                 if not values:
                     cells.append("-")
                     continue
                 low, high = bootstrap_ci(values, iqm, seed=spec.evaluation.seed)
                 cells.append(f"{iqm(values):.2f} [{low:.2f}, {high:.2f}]")
             bars = env.bar(variant.name, variant.core)
-            metric = bars[0].metric if bars else "success" if _score(runs[0][1], "success") is not None else "return"
+            metric = bars[0].metric if bars else shown
             scores = [(p.seed, _score(c, metric)) for p, c in runs]
             verdict = "-"
             row: dict[str, Any] = {"env": env.name, "variant": variant.name, "metric": metric}
@@ -988,7 +1000,7 @@ def variants_table(
         lines.append("")
     head = (
         f"Evaluation: {spec.evaluation.episodes} episodes per run and shift, env seeds from {spec.evaluation.seed}; "
-        "success rate (MiniGrid) or mean return; IQM over seeds with a 95% bootstrap interval.\n\n"
+        "each env's metric (in its heading); IQM over seeds with a 95% bootstrap interval.\n\n"
     )
     return head + "\n".join(lines)
 

@@ -309,3 +309,23 @@ def test_training_time_is_read_from_the_runs_own_logs_every_resume_included(tmp_
     (tb / "progress_resume128.csv").write_text("time/total_timesteps,time/time_elapsed\n192,50\n")
     assert train_seconds(tmp_path) == 150.0
     assert train_seconds(tmp_path / "missing") is None
+
+
+def test_tables_show_the_metric_the_bars_judge_not_a_success_rate_the_env_happens_to_report(tmp_path: Path) -> None:
+    from rim_agents.evaluation import CheckpointResult, ShiftResult
+    from rim_agents.study import variants_table
+
+    data = tiny_spec()
+    data["envs"]["pickup"]["bars"] = {"default": {"metric": "return", "min": 0.9, "need": 1.0}}
+    spec = spec_from_dict(data)
+    entries = []
+    for p in plan_runs(spec, tmp_path):
+        shift = ShiftResult(10, 0.95, [0.9, 1.0], 0.0, [0.0, 0.0], 24.0, [0.95] * 10, 0.0, 0.0)
+        entries.append(
+            (p, CheckpointResult("m", str(p.run_dir), "e", p.variant.core, p.seed, 128, "g", {"none": shift}))
+        )
+    summary: list[dict] = []
+    table = variants_table(spec, entries, summary)
+    assert "## pickup (RIMAgents/Pickup-6x6-v0): return" in table
+    assert "| rims | 2 | 0.95 [0.95, 0.95] | 2/2 met" in table  # the return, not the success rate 0.00
+    assert summary[0]["values"] == {"0": 0.95, "1": 0.95} and summary[0]["met"]
