@@ -329,3 +329,11 @@ def test_tables_show_the_metric_the_bars_judge_not_a_success_rate_the_env_happen
     assert "## pickup (RIMAgents/Pickup-6x6-v0): return" in table
     assert "| rims | 2 | 0.95 [0.95, 0.95] | 2/2 met" in table  # the return, not the success rate 0.00
     assert summary[0]["values"] == {"0": 0.95, "1": 0.95} and summary[0]["met"]
+
+
+def test_the_readmes_spec_example_is_a_valid_spec(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("name: pickup-robustness  ") :]
+    spec = spec_from_dict(yaml.safe_load(block[: block.index("```")]))
+    assert spec.tune is not None and spec.gpus_per_run == 0.25
+    assert len(plan_runs(spec, tmp_path)) == 10 + 5
