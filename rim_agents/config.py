@@ -324,8 +324,20 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _merged_copy(current, value, f"{full}."))
         elif dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # A mapping (env_kwargs, features_extractor_kwargs, ...) is updated key by key, so that
+            # env_options.env_kwargs.delay=8 and env_options.env_kwargs.length=24 both hold.
+            setattr(obj, key, _coerce(_deep_update(current, value), hints[key], full))
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``updates`` applied key by key (nested mappings likewise); neither is changed."""
+    out = dict(base)
+    for k, v in updates.items():
+        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def _merged_copy(obj: Any, updates: dict[str, Any], prefix: str) -> Any:

@@ -199,3 +199,20 @@ def test_identity_drops_run_only_settings() -> None:
     other = load_config("CartPole-v1", "rims", overrides=["rims.k_active=2"])
     assert seeds.identity() == base.identity() and other.identity() != base.identity()
     assert "seed" not in base.identity() and "rims" in base.identity()
+
+
+def test_overrides_of_one_mapping_combine_key_by_key() -> None:
+    from rim_agents.config import load_config
+
+    config = load_config(
+        "RIMAgents/Repeat-v0", "lstm", overrides=["env_options.env_kwargs.delay=8", "env_options.env_kwargs.length=24"]
+    )
+    assert config.env_options.env_kwargs == {"delay": 8, "length": 24}
+    # a later value of the same key still wins, and nested mappings merge too
+    config = load_config(
+        "RIMAgents/Repeat-v0",
+        "lstm",
+        overrides=["env_options.env_kwargs.delay=8", "env_options.env_kwargs.delay=2", "env_options.env_kwargs.x.a=1",
+                   "env_options.env_kwargs.x.b=2"],
+    )  # fmt: skip
+    assert config.env_options.env_kwargs == {"delay": 2, "x": {"a": 1, "b": 2}}

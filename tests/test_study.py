@@ -337,3 +337,10 @@ def test_the_readmes_spec_example_is_a_valid_spec(tmp_path: Path) -> None:
     spec = spec_from_dict(yaml.safe_load(block[: block.index("```")]))
     assert spec.tune is not None and spec.gpus_per_run == 0.25
     assert len(plan_runs(spec, tmp_path)) == 10 + 5
+
+
+def test_every_env_kwarg_of_a_spec_reaches_the_runs_config(tmp_path: Path) -> None:
+    data = tiny_spec()
+    data["envs"] = {"repeat-8": {"env": "RIMAgents/Repeat-v0", "env_kwargs": {"delay": 8, "length": 24}}}
+    plans = plan_runs(spec_from_dict(data), tmp_path)
+    assert {str(p.config.env_options.env_kwargs) for p in plans} == {"{'delay': 8, 'length': 24}"}
