@@ -893,14 +893,21 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
             atomic_write_bytes(out / f"curves_{env.name}.png", png)
 
 
-def display_metric(env: EnvSpec, result: CheckpointResult) -> str:
-    """What a table shows for an env: its bars' evaluation metric, else the success rate where the
-    env reports one, else the mean return."""
+def bars_metric(env: EnvSpec) -> str | None:
+    """The evaluation metric an env's bars judge (``success`` or ``return``), if any."""
     for bars in env.bars.values():
         for bar in bars:
             if bar.metric in ("success", "return"):
                 return bar.metric
-    return "success" if _score(result, "success") is not None else "return"
+            if bar.metric == "train_return":
+                return "return"
+    return None
+
+
+def display_metric(env: EnvSpec, result: CheckpointResult) -> str:
+    """What a table shows for an env: its bars' evaluation metric, else the success rate where the
+    env reports one, else the mean return."""
+    return bars_metric(env) or ("success" if _score(result, "success") is not None else "return")
 
 
 def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
@@ -1008,9 +1015,11 @@ def variants_table(
 def learning_curves(env: EnvSpec, plans: list[RunPlan]) -> bytes | None:
     """Training success (or return) against env steps: the mean over seeds per variant."""
     series: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    metric = bars_metric(env)
     for p in plans:
         rows = read_progress(p.run_dir)
-        column = "rollout/success_rate" if any(r.get("rollout/success_rate") for r in rows) else "rollout/ep_rew_mean"
+        has_success = any(r.get("rollout/success_rate") for r in rows)
+        column = "rollout/success_rate" if metric != "return" and has_success else "rollout/ep_rew_mean"
         rows = [r for r in rows if r.get(column)]
         if len(rows) >= 2:
             x = np.array([float(r["time/total_timesteps"]) for r in rows])
@@ -1019,7 +1028,8 @@ def learning_curves(env: EnvSpec, plans: list[RunPlan]) -> bytes | None:
     if not series:
         return None
     steps = max(p.config.total_timesteps for p in plans)
-    return curves_png(series, steps, f"{env.name}: {env.env}", "training success or return")
+    label = "success rate" if metric == "success" else "return" if metric == "return" else "success or return"
+    return curves_png(series, steps, f"{env.name}: {env.env}", f"training {label} (last 100 episodes)")
 
 
 # --------------------------------------------------------------------------------------- tuning
