@@ -30,7 +30,7 @@ from rim_agents.runs import (
 )
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
-from rim_agents.study import STUDY_FILE, load_spec, narrow, plan_runs, run_study, write_study_results
+from rim_agents.study import STUDY_FILE, load_spec, narrow, run_study, write_study_results
 from rim_agents.training import Interrupted, train
 from rim_agents.visualize import (
     action_names,
@@ -304,7 +304,6 @@ def study_main(argv: Sequence[str] | None = None) -> int:
             n = write_study_results(whole, out)
             print(f"results of {n} evaluated runs: {out / 'results'}")
             return 0
-        plan_runs(spec, out)  # bad settings fail before the folder is created
         failed = run_study(spec, out, args.address, args.max_parallel, args.tune)
         if spec != whole:  # the results cover every run of the spec evaluated so far, not only these
             write_study_results(whole, out)

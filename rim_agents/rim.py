@@ -42,7 +42,6 @@ from rim_agents.config import RIMConfig
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through"]
-SELECTIONS = ("hard", "straight_through")
 State = tuple[th.Tensor, th.Tensor]
 
 __all__ = ["Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]

@@ -407,10 +407,12 @@ def narrow(
 
 @dataclass
 class RunPlan:
+    """One run of a study; its folders follow from the study's ``root`` and its key."""
+
     env: EnvSpec
     variant: VariantSpec
     seed: int
-    run_dir: Path
+    root: Path
     config: TrainConfig
 
     @property
@@ -418,8 +420,17 @@ class RunPlan:
         return f"{self.env.name}/{self.variant.name}/s{self.seed}"
 
     @property
+    def run_dir(self) -> Path:
+        return self.root / RUNS_DIR / self.env.name / self.variant.name / f"s{self.seed}"
+
+    @property
     def log(self) -> Path:
         return self.run_dir.with_name(f"{self.run_dir.name}.log")
+
+    @property
+    def evaluation_file(self) -> Path:
+        """The run's cached evaluation (see :func:`evaluate_run`)."""
+        return self.root / EVAL_DIR / self.env.name / self.variant.name / f"s{self.seed}.json"
 
 
 def run_config(
@@ -448,8 +459,7 @@ def plan_runs(
                     continue
                 extra = (tuned or {}).get(f"{env.name}/{variant.name}", [])
                 config = run_config(spec, env, variant, seed, env.steps or spec.steps, extra, device)
-                run_dir = root / RUNS_DIR / env.name / variant.name / f"s{seed}"
-                plan = RunPlan(env, variant, seed, run_dir, config)
+                plan = RunPlan(env, variant, seed, root, config)
                 check_existing(plan)
                 plans.append(plan)
     return plans
@@ -745,7 +755,7 @@ def _run_locked(
         state.data["tune"] = {**state.data["tune"], **({"overrides": tuned} if tuned else {})}
         state.data["sessions"].append({"started": _now(), **info, "max_parallel": parallel})
         state.save()
-        failed = _drive(ray, spec, root, plans, state, parallel, gpus, write, progress_every)
+        failed = _drive(ray, spec, plans, state, parallel, gpus, write, progress_every)
         write_results(spec, root, plans, state)
         write(f"results: {root / RESULTS_DIR}")
         return failed
@@ -762,7 +772,7 @@ def write_study_results(spec: StudySpec, root: Path) -> int:
     plans = plan_runs(spec, root, tuned)
     state = StudyState(root, spec, plans)
     for p in plans:
-        state.run(p.key)["evaluated"] = (root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json").is_file()
+        state.run(p.key)["evaluated"] = p.evaluation_file.is_file()
     write_results(spec, root, plans, state)
     return sum(bool(state.run(p.key)["evaluated"]) for p in plans)
 
@@ -770,7 +780,6 @@ def write_study_results(spec: StudySpec, root: Path) -> int:
 def _drive(
     ray: Any,
     spec: StudySpec,
-    root: Path,
     plans: list[RunPlan],
     state: StudyState,
     parallel: int,
@@ -794,8 +803,7 @@ def _drive(
             run["attempts"] += 1
             ref = train_task.remote(str(p.run_dir), p.config, str(p.log))
         else:
-            cache = root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json"
-            ref = eval_task.remote(str(p.run_dir), spec.evaluation, str(cache))
+            ref = eval_task.remote(str(p.run_dir), spec.evaluation, str(p.evaluation_file))
         in_flight[ref] = (kind, key, time.time())
 
     def handle_sigterm(signum: int, frame: Any) -> None:
@@ -872,9 +880,8 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
     out = root / RESULTS_DIR
     entries: list[tuple[RunPlan, CheckpointResult]] = []
     for p in plans:
-        cache = root / EVAL_DIR / p.env.name / p.variant.name / f"s{p.seed}.json"
-        if state.run(p.key)["evaluated"] and cache.is_file():
-            entries.append((p, checkpoint_result(json.loads(cache.read_text())["result"])))
+        if state.run(p.key)["evaluated"] and p.evaluation_file.is_file():
+            entries.append((p, checkpoint_result(json.loads(p.evaluation_file.read_text())["result"])))
     if not entries:
         return
     ev = spec.evaluation
