@@ -266,10 +266,12 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
         run, state = saved["run"], saved["state"]
     per_epoch = args["batches_per_epoch"]
     running: list[float] = []
+    since = time.time()  # wall time not yet added to run["wall_s"]
 
     def save() -> None:
-        run["wall_s"] += time.time() - started_box[0]
-        started_box[0] = time.time()
+        nonlocal since
+        run["wall_s"] += time.time() - since
+        since = time.time()
         blob = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -282,7 +284,6 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
         th.save(blob, buffer)
         atomic_write_bytes(path, buffer.getvalue())
 
-    started_box = [time.time()]
     while run["step"] < args["steps"]:
         rng = np.random.default_rng([seed, run["epoch"]])
         x, y = copying_data(args["train_len"], 300, 64, rng)
