@@ -140,9 +140,11 @@ def train(
     if not resume and not run_dir.exists():
         try:
             run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass  # another process created it a moment ago: the run lock below decides who trains
         except OSError as e:
             raise UsageError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-        created = True
     if not run_dir.is_dir():
         what = "does not exist" if not run_dir.exists() else "is not a folder"
         raise UsageError(f"run directory {run_dir} {what}: pass the folder of a run")

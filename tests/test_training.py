@@ -287,6 +287,27 @@ def _train_process(run: Path, steps: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def test_run_directory_created_by_another_process_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of two processes starting on one fresh --run-dir: the folder appears between the
+    existence check and mkdir. The loser of mkdir goes on to the run lock, which decides; here no
+    one holds it, so this process trains."""
+    run = tmp_path / "run"
+    real_mkdir = Path.mkdir
+    raced: list[Path] = []
+
+    def mkdir_after_another_process(self: Path, *args: object, **kwargs: object) -> None:
+        if self == run and not raced:
+            raced.append(self)
+            real_mkdir(self)  # the other process wins the race
+            raise FileExistsError(17, "File exists", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_after_another_process)
+    assert train(tiny_config(), run) == run
+    monkeypatch.undo()
+    assert raced == [run] and (run / FINAL_MODEL).is_file()
+
+
 def test_two_processes_cannot_share_a_run_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     procs = [_train_process(run, 64, "rims.k_active=2"), _train_process(run, 64, "rims.k_active=4")]
