@@ -23,12 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.utils import set_random_seed
 
-from rim_agents.evaluation import resolve_checkpoint
-from rim_agents.models import make_env
+from rim_agents.evaluation import episodes_under, resolve_checkpoint
 from rim_agents.policy import RIMPolicy
-from rim_agents.rollout import run_episodes
 from rim_agents.shifts import shift_spec
 from rim_agents.stats import bootstrap_ci
 
@@ -47,13 +44,8 @@ def evaluate_with_k(run: Path, episodes: int, seed: int) -> dict[str, object]:
     for k in range(1, K + 1):
         for core in cores:
             core.cell.k_now = k
-        # evaluate()'s protocol: seeded per setting, 8 envs, sampled actions.
-        set_random_seed(seed)
-        env = make_env(ckpt.config, min(8, episodes), seed, shift_spec(ckpt.config, "none"))
-        try:
-            per_k[k] = run_episodes(ckpt.model, env, episodes).returns
-        finally:
-            env.close()
+        # evaluate()'s protocol (seeded per setting, 8 envs, sampled actions), through its own helper.
+        per_k[k] = episodes_under(ckpt, shift_spec(ckpt.config, "none"), episodes, seed).returns
     return {
         "run": str(run),
         "variant": run.parent.name,

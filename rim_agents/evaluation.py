@@ -26,7 +26,7 @@ from rim_agents.config import TrainConfig, env_family, flat_keys
 from rim_agents.errors import UsageError
 from rim_agents.models import load_model, make_env
 from rim_agents.ppo import RIMPPO
-from rim_agents.rollout import run_episodes
+from rim_agents.rollout import Episodes, run_episodes
 from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
@@ -237,13 +237,7 @@ def evaluate(
         per_shift = entry.shifts
         results.append(entry)
         for name, spec in specs:
-            # Seeded per checkpoint and shift: a result does not depend on what ran before it.
-            set_random_seed(seed)
-            env = make_env(ckpt.config, min(n_envs, episodes), seed, spec)
-            try:
-                eps = run_episodes(ckpt.model, env, episodes, deterministic, bar.update if bar else None)
-            finally:
-                env.close()
+            eps = episodes_under(ckpt, spec, episodes, seed, deterministic, n_envs, bar.update if bar else None)
             low, high = bootstrap_ci(eps.returns, seed=seed)
             ref = per_shift["none"].mean_return if per_shift else float(np.mean(eps.returns))
             mean = float(np.mean(eps.returns))
@@ -263,6 +257,25 @@ def evaluate(
     if bar is not None:
         bar.close()
     return report()
+
+
+def episodes_under(
+    ckpt: Checkpoint,
+    spec: ShiftSpec,
+    episodes: int,
+    seed: int,
+    deterministic: bool = False,
+    n_envs: int = 8,
+    on_episode: Callable[[], None] | None = None,
+) -> Episodes:
+    """``episodes`` episodes of ``ckpt``'s model under one shift, seeded with ``seed`` first so that
+    a result does not depend on what ran before it."""
+    set_random_seed(seed)
+    env = make_env(ckpt.config, min(n_envs, episodes), seed, spec)
+    try:
+        return run_episodes(ckpt.model, env, episodes, deterministic, on_episode)
+    finally:
+        env.close()
 
 
 def aggregate(results: list[CheckpointResult], seed: int = 0) -> list[GroupResult]:
