@@ -53,6 +53,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     normalize_advantage: bool = True
     target_kl: float | None = None
+    normalize_reward: bool = False  # divide rewards by the running std of the discounted return
 
 
 @dataclass
@@ -68,6 +69,7 @@ class PolicyConfig:
     shared_lstm: bool = False  # the critic reads the actor's core output (no gradient)
     ortho_init: bool = True
     normalize_images: bool = True
+    normalize_observations: bool = False  # standardise Box observations with running moments
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -20,6 +20,7 @@ from rim_agents.config import ConfigError, TrainConfig
 from rim_agents.envs import make_vec_env
 from rim_agents.errors import UsageError
 from rim_agents.extractors import EXTRACTOR_NAMES, auto_extractor, extractor_class
+from rim_agents.normalization import return_moments_state
 from rim_agents.policy import RIMPolicy
 from rim_agents.ppo import RIMPPO
 from rim_agents.runs import CONFIG_FILE
@@ -66,6 +67,7 @@ def policy_kwargs(config: TrainConfig, observation_space: spaces.Space | None = 
         "shared_lstm": p.shared_lstm,
         "ortho_init": p.ortho_init,
         "normalize_images": normalize,
+        "normalize_observations": p.normalize_observations,
         "net_arch": list(p.net_arch),
         "features_extractor_class": extractor_class(name),
         "features_extractor_kwargs": dict(p.features_extractor_kwargs),
@@ -100,6 +102,7 @@ def build_model(config: TrainConfig, env: VecEnv) -> RIMPPO:
             RIMPolicy,
             env,
             seq_len=ppo.seq_len,
+            normalize_reward=ppo.normalize_reward,
             n_steps=ppo.n_steps,
             batch_size=ppo.batch_size,
             n_epochs=ppo.n_epochs,
@@ -178,4 +181,5 @@ def load_model(config: TrainConfig, checkpoint: Path, env: VecEnv | None = None,
     for key in _RESUME_DATA:
         if isinstance(data.get(key), (int, float)) and not isinstance(data.get(key), bool):
             setattr(model, key, data[key])
+    model.return_moments = return_moments_state(data)
     return model

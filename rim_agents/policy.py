@@ -23,14 +23,16 @@ import dataclasses
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, NatureCNN
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, build_core, core_hidden_size, unroll
+from rim_agents.normalization import NormalizedObservations, check_normalizable
 from rim_agents.rim import RIMCore
 
 
@@ -50,6 +52,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     :param shared_lstm: the critic reuses the actor's core output (without gradient).
     :param enable_critic_lstm: the critic has its own core.
     :param lstm_kwargs: extra keyword arguments of ``nn.LSTM`` / ``nn.GRU``.
+    :param normalize_observations: standardise (flat ``Box``) observations with running moments
+        before the features extractor (:mod:`rim_agents.normalization`); the moments are buffers of
+        this policy, updated by :meth:`update_observation_moments`.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -66,6 +71,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         shared_lstm: bool = False,
         enable_critic_lstm: bool = True,
         lstm_kwargs: dict[str, Any] | None = None,
+        normalize_observations: bool = False,
         **kwargs: Any,
     ) -> None:
         if core not in CORES:
@@ -90,6 +96,16 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         if core == "none":
             # The critic gets its own (identity) core: it reads the features with gradient.
             shared_lstm, enable_critic_lstm = False, True
+        self.normalize_observations = normalize_observations
+        self._extractor_class = kwargs.get("features_extractor_class", FlattenExtractor)
+        self._extractor_kwargs = dict(kwargs.get("features_extractor_kwargs") or {})
+        if normalize_observations:
+            check_normalizable(observation_space)
+            kwargs["features_extractor_class"] = NormalizedObservations
+            kwargs["features_extractor_kwargs"] = {
+                "extractor_class": self._extractor_class,
+                "extractor_kwargs": self._extractor_kwargs,
+            }
         super().__init__(
             observation_space,
             action_space,
@@ -135,8 +151,19 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             shared_lstm=self.shared_lstm,
             enable_critic_lstm=self.enable_critic_lstm,
             lstm_kwargs={k: v for k, v in self.lstm_kwargs.items() if k not in self.core_kwargs},
+            normalize_observations=self.normalize_observations,
+            features_extractor_class=self._extractor_class,
+            features_extractor_kwargs=self._extractor_kwargs,
         )
         return data
+
+    @th.no_grad()
+    def update_observation_moments(self, observations: th.Tensor | np.ndarray) -> None:
+        """Fold a batch of raw observations into the moments of every normalising extractor
+        (one when the extractor is shared, the actor's and the critic's otherwise)."""
+        for module in self.modules():
+            if isinstance(module, NormalizedObservations):
+                module.moments.update(observations)
 
     def rim_cores(self) -> list[RIMCore]:
         """The RIM cores of this policy (actor first), empty for other cores."""

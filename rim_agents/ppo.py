@@ -33,6 +33,7 @@ from sb3_contrib.common.recurrent.type_aliases import (
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_zip_file
 
+from rim_agents.normalization import ScaleReward
 from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
 
 AUTO_MIN_SEQ_LEN = 8
@@ -134,6 +135,9 @@ class RIMPPO(RecurrentPPO):
         ``"auto"``: the largest length up to 32 that divides both (an error if that is below 8).
         ``None`` keeps sb3-contrib's
         padded sampler.
+    :param normalize_reward: train on rewards divided by the running standard deviation of the
+        discounted return (:class:`rim_agents.normalization.ScaleReward`, wrapped around the
+        training env when learning starts; its moments are saved with the model).
     :param kwargs: ``RecurrentPPO``'s arguments.
     """
 
@@ -149,10 +153,14 @@ class RIMPPO(RecurrentPPO):
         policy: str | type[RecurrentActorCriticPolicy],
         env: Any,
         seq_len: int | str | None = "auto",
+        normalize_reward: bool = False,
         _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, env, _init_setup_model=False, **kwargs)
+        self.normalize_reward = normalize_reward
+        #: The reward scaler's moments as plain numbers, saved in the checkpoint's JSON data.
+        self.return_moments: dict[str, float] | None = None
         if seq_len == "auto":
             seq_len = math.gcd(self.n_steps, self.batch_size or self.n_steps, 32)
             if seq_len < AUTO_MIN_SEQ_LEN:
@@ -198,8 +206,26 @@ class RIMPPO(RecurrentPPO):
                 custom_objects["policy_kwargs"] = {**policy_kwargs, "core_kwargs": core_kwargs}
         return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)
 
+    def _setup_learn(self, total_timesteps: int, *args: Any, **kwargs: Any) -> Any:
+        if self.normalize_reward and self.env is not None and not isinstance(self.env, ScaleReward):
+            self.env = ScaleReward(self.env, self.gamma)
+            if self.return_moments is not None:  # resumed: the scale goes on where it was
+                self.env.load_state(self.return_moments)
+        return super()._setup_learn(total_timesteps, *args, **kwargs)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(self.env, ScaleReward):
+            self.return_moments = self.env.state()
+        super().save(*args, **kwargs)
+
     def train(self) -> None:
         super().train()
+        if isinstance(self.policy, RIMPolicy) and self.policy.normalize_observations:
+            # After the update: collecting and training this rollout used the same moments.
+            observations: Any = self.rollout_buffer.observations
+            self.policy.update_observation_moments(observations)
+        if isinstance(self.env, ScaleReward):
+            self.logger.record("train/reward_scale", self.env.scale)
         if isinstance(self.policy, RIMPolicy):
             losses = [loss for core in self.policy.rim_cores() for loss in core.balance_losses]
             for core in self.policy.rim_cores():

@@ -62,16 +62,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_model(model: Any, path: Path) -> Path:
-    """Save an SB3 model (policy, optimizer, step counter) atomically, plus ``VecNormalize``
-    statistics beside it (``<name>.vecnormalize.pkl``) when the env has them."""
+    """Save an SB3 model (policy with any observation moments, optimizer, step counter, reward
+    scale) atomically, in one file (see :mod:`rim_agents.normalization`)."""
     buffer = io.BytesIO()
     model.save(buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    vec_normalize = model.get_vec_normalize_env()
-    if vec_normalize is not None:
-        import pickle
-
-        atomic_write_bytes(path.with_suffix(".vecnormalize.pkl"), pickle.dumps(vec_normalize))
     return path
 
 
