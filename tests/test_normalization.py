@@ -12,6 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecNormalize
 
+from rim_agents import RIMPPO
 from rim_agents.cli import train_main
 from rim_agents.config import load_config
 from rim_agents.models import build_model, load_model, make_env
@@ -113,6 +114,10 @@ def test_checkpoint_carries_both_normalisers(tmp_path: Path) -> None:
     assert moments.var.min().item() > 0 and not th.equal(moments.mean, th.zeros(4, dtype=th.float64))
     state = loaded.return_moments
     assert state is not None and state["count"] == pytest.approx(64, abs=1e-3) and state["var"] > 0
+    # SB3's own loader (for trusted files) restores both as well.
+    trusted = RIMPPO.load(run / FINAL_MODEL)
+    assert th.equal(trusted.policy.features_extractor.moments.var, moments.var)
+    assert trusted.normalize_reward and trusted.return_moments == state
     # Resuming goes on from the saved scale, not from a fresh one.
     resumed = load_model(cfg, latest_checkpoint(run))
     resumed.learn(32, reset_num_timesteps=False)
