@@ -32,7 +32,7 @@ from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, build_core, core_hidden_size, unroll
-from rim_agents.normalization import NormalizedObservations, check_normalizable
+from rim_agents.normalization import NormalizedObservations
 from rim_agents.rim import RIMCore
 
 
@@ -97,15 +97,12 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             # The critic gets its own (identity) core: it reads the features with gradient.
             shared_lstm, enable_critic_lstm = False, True
         self.normalize_observations = normalize_observations
-        self._extractor_class = kwargs.get("features_extractor_class", FlattenExtractor)
-        self._extractor_kwargs = dict(kwargs.get("features_extractor_kwargs") or {})
-        if normalize_observations:
-            check_normalizable(observation_space)
-            kwargs["features_extractor_class"] = NormalizedObservations
+        if normalize_observations:  # the wrapper refuses spaces it cannot standardise
             kwargs["features_extractor_kwargs"] = {
-                "extractor_class": self._extractor_class,
-                "extractor_kwargs": self._extractor_kwargs,
+                "extractor_class": kwargs.get("features_extractor_class", FlattenExtractor),
+                "extractor_kwargs": dict(kwargs.get("features_extractor_kwargs") or {}),
             }
+            kwargs["features_extractor_class"] = NormalizedObservations
         super().__init__(
             observation_space,
             action_space,
@@ -152,9 +149,13 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             enable_critic_lstm=self.enable_critic_lstm,
             lstm_kwargs={k: v for k, v in self.lstm_kwargs.items() if k not in self.core_kwargs},
             normalize_observations=self.normalize_observations,
-            features_extractor_class=self._extractor_class,
-            features_extractor_kwargs=self._extractor_kwargs,
         )
+        if self.normalize_observations:  # the extractor as configured, not its wrapper
+            wrapped = data["features_extractor_kwargs"]
+            data.update(
+                features_extractor_class=wrapped["extractor_class"],
+                features_extractor_kwargs=wrapped["extractor_kwargs"],
+            )
         return data
 
     @th.no_grad()

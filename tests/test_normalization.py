@@ -20,14 +20,7 @@ from rim_agents.normalization import NormalizedObservations, RunningMoments, Sca
 from rim_agents.runs import FINAL_MODEL, latest_checkpoint, save_model
 from rim_agents.training import train
 
-TINY = [
-    "n_envs=2",
-    "ppo.n_steps=16",
-    "ppo.batch_size=16",
-    "ppo.seq_len=8",
-    "ppo.n_epochs=1",
-    "checkpoint_freq=32",
-]
+TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1", "checkpoint_freq=32"]
 NORMALIZED = ["policy.normalize_observations=true", "ppo.normalize_reward=true"]
 
 
