@@ -114,6 +114,10 @@ class NormalizedObservations(BaseFeaturesExtractor):
 class ScaleReward(VecEnvWrapper):
     """Divide rewards by the running standard deviation of the discounted return (training only).
 
+    ``VecNormalize(norm_obs=False)``'s reward rule, kept apart from it because ``VecNormalize``
+    deep-copies every observation (and terminal observation) on every step even when it does not
+    normalise them, and pickles its state; the statistics are SB3's ``RunningMeanStd``.
+
     :param venv: the (monitored) env.
     :param gamma: the discount of the return whose spread sets the scale (PPO's).
     """
