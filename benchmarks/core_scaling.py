@@ -1,9 +1,9 @@
 """How the RIM core's cost grows with the number of RIMs K and the sequence length T, beside
 ``nn.LSTM`` of the same total width (K x 64).
 
-Forward + backward of a random projection of the output (B=16, d_in=512, d_h=64 per RIM, LSTM
-cells, the paper's attention sizes), median of ``--rounds`` rounds, every configuration of a
-round timed back to back so that machine noise hits them alike. Two sweeps:
+Forward + backward of a random projection of the output (B=16 unless ``--batch``, d_in=512, d_h=64
+per RIM, LSTM cells, the paper's attention sizes) on ``--device``, median of ``--rounds`` rounds,
+every configuration of a round timed back to back so that machine noise hits them alike. Two sweeps:
 
 - K in 4, 6, 8, 16, 32 (k = K/2 and k = K-1) at T=128;
 - T in 32, 64, 128, 256, 512 at K=6, k=4.
@@ -12,6 +12,7 @@ Also printed: the time per step (does the cost grow as the arithmetic does, or i
 per-step overhead?) and a figure ``--out`` (default benchmarks/results/core_scaling.png).
 
     python benchmarks/core_scaling.py --rounds 3 --threads 1
+    python benchmarks/core_scaling.py --device cuda --out core_scaling_cuda.png   # timed with a synchronize
 """
 
 from __future__ import annotations
@@ -32,22 +33,25 @@ sys.path.insert(0, str(ROOT))
 
 from rim_agents import RIMCore  # noqa: E402 (after the path line)
 
-B, D_IN, D_H = 16, 512, 64
+D_IN, D_H = 512, 64
 
 
-def case(kind: str, K: int, k: int, T: int) -> tuple[str, Callable[[], None]]:
+def case(kind: str, K: int, k: int, T: int, B: int, device: th.device) -> tuple[str, Callable[[], None]]:
     th.manual_seed(0)
-    x = th.randn(T, B, D_IN)
-    proj = th.randn(T, B, K * D_H)
+    x = th.randn(T, B, D_IN, device=device)
+    proj = th.randn(T, B, K * D_H, device=device)
     module: nn.Module
     if kind == "lstm":
         module = nn.LSTM(D_IN, K * D_H)
     else:
         module = RIMCore(D_IN, num_units=K, k_active=k, unit_size=D_H, cell="lstm")
+    module.to(device)
 
     def run() -> None:
         module.zero_grad()
         (module(x)[0] * proj).sum().backward()
+        if device.type == "cuda":
+            th.cuda.synchronize()
 
     return f"{kind} K={K} k={k} T={T}", run
 
@@ -56,20 +60,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch B")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "core_scaling.png"))
     args = parser.parse_args()
     th.set_num_threads(args.threads)
+    device = th.device(args.device)
     configs: list[tuple[str, int, int, int]] = []
     for K in (4, 6, 8, 16, 32):
         configs += [("rims", K, K // 2, 128), ("rims", K, K - 1, 128), ("lstm", K, K, 128)]
     for T in (32, 64, 128, 256, 512):
         configs += [("rims", 6, 4, T)] + ([("lstm", 6, 6, T)] if T != 128 else [])
-    cases = [case(*c) for c in configs]
+    cases = [case(*c, args.batch, device) for c in configs]
     for _, run in cases:  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name, _ in cases}
     for _ in range(args.rounds):
         for name, run in cases:
+            if device.type == "cuda":
+                th.cuda.synchronize()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -78,7 +87,10 @@ def main() -> None:
     for (kind, K, k, T), (name, _) in zip(configs, cases, strict=True):
         lstm = med[f"lstm K={K} k={K} T={T}"]
         rows.append({"kind": kind, "K": K, "k": k, "T": T, "s": med[name], "vs_lstm": med[name] / lstm})
-    print(f"forward + backward, B={B} d_in={D_IN} d_h={D_H}, {args.threads} threads, median of {args.rounds}")
+    print(
+        f"forward + backward on {device}, B={args.batch} d_in={D_IN} d_h={D_H}, {args.threads} threads, "
+        f"median of {args.rounds}"
+    )
     print(f"{'core':<6}{'K':>4}{'k':>4}{'T':>5}{'median s':>10}{'ms/step':>9}{'vs nn.LSTM':>12}")
     for r in rows:
         print(
@@ -86,7 +98,11 @@ def main() -> None:
             f"{r['vs_lstm']:>11.2f}x"
         )
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"device": str(device), "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "rows": rows}
+        )
+    )
     plot(rows, out)
 
 

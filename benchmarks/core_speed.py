@@ -76,13 +76,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize)")
     parser.add_argument("--steps", type=int, default=128, help="sequence length T")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch B")
     parser.add_argument("--compile", action="store_true", help="also time RIMCore with rims.compile=default")
     args = parser.parse_args()
     device = th.device(args.device)
     if args.threads:
         th.set_num_threads(args.threads)
     th.manual_seed(0)
-    T, B, d_in, K, d_h = args.steps, 16, 512, 6, 64
+    T, B, d_in, K, d_h = args.steps, args.batch, 512, 6, 64
     x = th.randn(T, B, d_in, device=device)
     proj = th.randn(T, B, K * d_h, device=device)
 

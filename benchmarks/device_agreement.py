@@ -2,7 +2,10 @@
 
 The same weights (copied) and inputs, with episode starts inside the batch, dropout off; the
 forward output, the final state and every parameter's gradient of a random projection of the
-output are compared. Exit status 1 when a difference exceeds ``--tol``.
+output are compared. On CUDA the device's forward and backward also run under
+``torch.cuda.set_sync_debug_mode("warn")``, which reports every operation that waits for the GPU
+(``.item()``, ``.tolist()``, ``nonzero``, a copy to the host): the RIM time loop must have none.
+Exit status 1 when a difference exceeds ``--tol`` or the loop synchronises.
 
     python benchmarks/device_agreement.py --device cuda [--tol 1e-4]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch as th
@@ -35,6 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     device = th.device(args.device)
     worst_all = 0.0
+    syncs_all = 0
     for cell in ("lstm", "gru"):
         th.manual_seed(0)
         T, B, d_in = 32, 8, 64
@@ -45,13 +50,31 @@ def main() -> int:
         starts[0] = 1
         starts[T // 2, : B // 2] = 1
         expected = run(cpu, x, starts, proj)
-        got = run(other, x.to(device), starts.to(device), proj.to(device))
+        x_d, starts_d, proj_d = x.to(device), starts.to(device), proj.to(device)
+        if device.type == "cuda":
+            th.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                th.cuda.set_sync_debug_mode("warn")
+                try:
+                    got = run(other, x_d, starts_d, proj_d)
+                finally:
+                    th.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
+            syncs_all += len(syncs)
+            print(f"RIMCore {cell} cells, host synchronisations in forward + backward: {len(syncs)}")
+            for line in sorted(set(syncs)):
+                print(f"  {line}")
+        else:
+            got = run(other, x_d, starts_d, proj_d)
         worst = max(float((a - b.cpu()).abs().max()) for a, b in zip(expected, got, strict=True))
         worst_all = max(worst_all, worst)
         print(f"RIMCore {cell} cells, cpu vs {device}: max abs difference {worst:.2e} over output, state, gradients")
     ok = worst_all <= args.tol
     print(f"agreement within {args.tol:g}: {'yes' if ok else 'NO'}")
-    return 0 if ok else 1
+    if device.type == "cuda":
+        print(f"host synchronisations in the RIM loop: {syncs_all}")
+    return 0 if ok and syncs_all == 0 else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One check of the GPU path, installing nothing: CPU-vs-device agreement of the RIM core (1e-4), the
-# core benchmark, PPO training throughput for none (feed-forward CNN), lstm and rims, and the peak
+# One check of the GPU path, installing nothing: CPU-vs-device agreement of the RIM core (1e-4) and
+# no host synchronisation inside its time loop (CUDA), train.py and evaluate.py end to end on the
+# device (a short RIM run on the pickup room, its checkpoint evaluated under a shift), the core benchmark, PPO training throughput for none (feed-forward CNN), lstm and rims, and the peak
 # memory of one PPO update, all on the device, with and without rims.compile (reduce-overhead: CUDA
 # graphs; left out by --quick, whose point is the path, not the figures); then one table.
 #
@@ -31,13 +32,33 @@ else
 fi
 LOG="$(mktemp -d)"
 "$PY" benchmarks/device_agreement.py --device "$DEVICE" | tee "$LOG/agree.txt"
+RUN="$LOG/run"
+"$PY" train.py --env RIMAgents/Pickup-6x6-v0 --core rims --device "$DEVICE" --total-timesteps 1024 --n-envs 4 \
+  --run-dir "$RUN" --no-progress ppo.n_steps=128 ppo.batch_size=256 >"$LOG/train_run.txt" 2>&1 \
+  || { cat "$LOG/train_run.txt"; exit 1; }
+"$PY" evaluate.py "$RUN" --shifts novel-distractors --episodes 4 --n-envs 2 --device "$DEVICE" --out "$LOG/eval" --no-progress \
+  >"$LOG/eval_run.txt" 2>&1 || { cat "$LOG/eval_run.txt"; exit 1; }
+"$PY" - "$RUN" "$DEVICE" <<'PY' | tee "$LOG/e2e.txt"
+import sys
+
+from pathlib import Path
+
+from rim_agents.models import load_model
+from rim_agents.runs import load_run_config, newest_model
+
+run = Path(sys.argv[1])
+model = load_model(load_run_config(run), newest_model(run), device=sys.argv[2])
+where = {str(p.device) for p in model.policy.parameters()}
+print(f"train.py + evaluate.py on {sys.argv[2]}: parameters on {','.join(sorted(where))}")
+PY
 "$PY" benchmarks/core_speed.py --device "$DEVICE" "${CORE[@]}" | tee "$LOG/core.txt"
 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --variants "$VARIANTS" "${TRAIN[@]}" \
   | tee "$LOG/train.txt"
 "$PY" benchmarks/update_memory.py --device "$DEVICE" "${MEM[@]}" | tee "$LOG/memory.txt"
 echo
 echo "=== gpu_check on $DEVICE ==="
-grep "agreement within" "$LOG/agree.txt"
+grep -E "agreement within|host synchronisations in the RIM loop" "$LOG/agree.txt"
+cat "$LOG/e2e.txt"
 grep -hE "^compile time|warm-up iteration" "$LOG/core.txt" "$LOG/train.txt" || true
 grep -E "^(nn.LSTM|RIMCore)" "$LOG/core.txt" | sed 's/ compiled/-compiled/' \
   | awk '{printf "core   %-22s %s s (%s nn.LSTM)\n", $1" "$2, $(NF-2), $(NF-1)}'

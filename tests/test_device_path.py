@@ -46,3 +46,32 @@ def test_the_time_loop_reads_nothing_back_to_the_host() -> None:
 def test_the_checker_finds_host_reads() -> None:
     code = "def f(x):\n    for t in x:\n        y = t.item() + float(t)\n"
     assert host_reads(ast.parse(code)) == [".item() at line 3", "float() at line 3"]
+
+
+def test_the_kernel_counter_counts_each_step_once() -> None:
+    """benchmarks/kernel_count.py on the CPU: operators grow with T (they are counted per step), and
+    the RIM step runs far more of them than nn.LSTM's fused loop."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch as th
+    from torch import nn
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_count.py"
+    spec = importlib.util.spec_from_file_location("kernel_count", path)
+    assert spec is not None and spec.loader is not None
+    kc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kc)
+    cpu = th.device("cpu")
+    th.manual_seed(0)
+    core = RIMCore(16, num_units=4, k_active=2, unit_size=8, cell="lstm")
+    per_t = {}
+    for T in (2, 6):
+        fwd, bwd = kc.count(core, th.randn(T, 3, 16), th.randn(T, 3, 32), cpu)
+        per_t[T] = (fwd, bwd)
+    # The time loop's operators repeat once per step: four more steps, four times the step's count.
+    step_fwd = (per_t[6][0] - per_t[2][0]) / 4
+    assert step_fwd > 10
+    assert per_t[6][0] > per_t[2][0] and per_t[6][1] > per_t[2][1]
+    lstm_fwd, _ = kc.count(nn.LSTM(16, 32), th.randn(6, 3, 16), th.randn(6, 3, 32), cpu)
+    assert lstm_fwd < per_t[6][0] / 5
