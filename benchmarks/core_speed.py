@@ -114,6 +114,16 @@ def main() -> None:
     }
     if compiled is not None:
         variants["RIMCore lstm compiled"] = lambda: compiled(x)[0]
+    if device.type == "cuda":
+        graphed = RIMCore(
+            d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1,
+            cuda_graphs=True,
+        ).to(device)  # fmt: skip
+        start = time.perf_counter()
+        (graphed(x)[0] * proj).sum().backward()  # records the forward and backward graphs
+        sync()
+        print(f"record time (RIMCore lstm, cuda_graphs): {time.perf_counter() - start:.1f} s")
+        variants["RIMCore lstm cuda-graphs"] = lambda: graphed(x)[0]
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.rounds):
         for name, fn in variants.items():

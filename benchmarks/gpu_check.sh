@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One check of the GPU path, installing nothing: CPU-vs-device agreement of the RIM core (1e-4) and
-# no host synchronisation inside its time loop (CUDA), train.py and evaluate.py end to end on the
-# device (a short RIM run on the pickup room, its checkpoint evaluated under a shift), the core benchmark, PPO training throughput for none (feed-forward CNN), lstm and rims, and the peak
-# memory of one PPO update, all on the device, with and without rims.compile (reduce-overhead: CUDA
-# graphs; left out by --quick, whose point is the path, not the figures); then one table.
+# no host synchronisation inside its time loop (CUDA), the rims.cuda_graphs tests (CUDA), train.py
+# and evaluate.py end to end on the device (a short RIM run on the pickup room, its checkpoint
+# evaluated under a shift), the core benchmark, PPO training throughput for none (feed-forward CNN),
+# lstm and rims, and the peak memory of one PPO update, all on the device, with and without
+# rims.compile (reduce-overhead: CUDA graphs of the step) and rims.cuda_graphs (graphs of the whole
+# unroll), both left out by --quick, whose point is the path, not the figures; then one table.
 #
 #   bash benchmarks/gpu_check.sh                 # on a machine with a GPU (about 5 minutes)
 #   bash benchmarks/gpu_check.sh --device cpu --quick   # the same path on the CPU, in seconds
@@ -28,10 +30,13 @@ if [ "$QUICK" = 1 ]; then
   VARIANTS=ppo-cnn,ours-lstm,ours-rims
 else
   CORE=(--rounds 15 --compile); TRAIN=(--rounds 3 --updates 2); MEM=(--cores none,lstm,rims)
-  VARIANTS=ppo-cnn,ours-lstm,ours-rims,ours-rims-compiled
+  VARIANTS=ppo-cnn,ours-lstm,ours-rims,ours-rims-compiled,ours-rims-graphs
 fi
 LOG="$(mktemp -d)"
 "$PY" benchmarks/device_agreement.py --device "$DEVICE" | tee "$LOG/agree.txt"
+if [ "$DEVICE" = cuda ]; then  # rims.cuda_graphs: graphed unrolls equal eager ones (the GPU-only tests)
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py | tee "$LOG/graphs.txt"
+fi
 RUN="$LOG/run"
 "$PY" train.py --env RIMAgents/Pickup-6x6-v0 --core rims --device "$DEVICE" --total-timesteps 1024 --n-envs 4 \
   --run-dir "$RUN" --no-progress ppo.n_steps=128 ppo.batch_size=256 >"$LOG/train_run.txt" 2>&1 \
@@ -59,9 +64,10 @@ echo
 echo "=== gpu_check on $DEVICE ==="
 grep -E "agreement within|host synchronisations in the RIM loop" "$LOG/agree.txt"
 cat "$LOG/e2e.txt"
-grep -hE "^compile time|warm-up iteration" "$LOG/core.txt" "$LOG/train.txt" || true
-grep -E "^(nn.LSTM|RIMCore)" "$LOG/core.txt" | sed 's/ compiled/-compiled/' \
+[ -f "$LOG/graphs.txt" ] && tail -1 "$LOG/graphs.txt" | sed 's/^/cuda_graphs tests: /'
+grep -hE "^compile time|^record time|warm-up iteration" "$LOG/core.txt" "$LOG/train.txt" || true
+grep -E "^(nn.LSTM|RIMCore)" "$LOG/core.txt" | sed 's/ compiled/-compiled/; s/ cuda-graphs/-cuda-graphs/' \
   | awk '{printf "core   %-22s %s s (%s nn.LSTM)\n", $1" "$2, $(NF-2), $(NF-1)}'
-grep -E "^(ppo-cnn|ours-lstm|ours-rims|ours-rims-compiled) " "$LOG/train.txt" | awk '{printf "train  %-22s %s steps/s (%s ppo-cnn)\n", $1, $2, $4}'
+grep -E "^(ppo-cnn|ours-lstm|ours-rims|ours-rims-compiled|ours-rims-graphs) " "$LOG/train.txt" | awk '{printf "train  %-22s %s steps/s (%s ppo-cnn)\n", $1, $2, $4}'
 grep -E "^(none|lstm|rims) " "$LOG/memory.txt" | awk '{printf "memory %-22s %s MiB per PPO update\n", $1, $2}'
 grep -q "agreement within .*: yes" "$LOG/agree.txt"

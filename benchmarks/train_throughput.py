@@ -8,7 +8,9 @@ Variants, all in this process and interleaved round by round:
 - ``ours-lstm``: ``RIMPPO`` + ``RIMPolicy(core="lstm")``, 128 hidden (configs/atari.yaml);
 - ``ours-rims``: ``RIMPPO`` + ``RIMPolicy(core="rims")`` with configs/atari.yaml's RIM settings;
 - ``ours-rims-compiled`` (not in the default list): the same with ``rims.compile`` (its compile
-  time falls in the warm-up iteration, which is not timed; it is printed).
+  time falls in the warm-up iteration, which is not timed; it is printed);
+- ``ours-rims-graphs`` (not in the default list; CUDA): the same with ``rims.cuda_graphs=true``, the
+  whole unroll replayed as CUDA graphs (recorded in the warm-up iteration, printed).
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
@@ -45,8 +47,8 @@ COMMON: dict[str, Any] = {
 def build(name: str, seed: int, device: str = "cpu") -> Any:
     core = "rims" if name.startswith("ours-rims") else "lstm"
     mode = "reduce-overhead" if device == "cuda" else "default"
-    overrides = [f"rims.compile={mode}"] if name == "ours-rims-compiled" else []
-    config = load_config(ENV, core, overrides=overrides, flags={"seed": seed, "device": device})
+    overrides = {"ours-rims-compiled": [f"rims.compile={mode}"], "ours-rims-graphs": ["rims.cuda_graphs=true"]}
+    config = load_config(ENV, core, overrides=overrides.get(name, []), flags={"seed": seed, "device": device})
     env = make_env(config)
     if name == "ppo-cnn":
         return PPO("CnnPolicy", env, seed=seed, device=device, **COMMON)
@@ -77,8 +79,8 @@ def main() -> None:
     for name, model in models.items():  # warm-up: one iteration each
         start = time.perf_counter()
         model.learn(steps_per_update)
-        if name == "ours-rims-compiled":
-            print(f"ours-rims-compiled: warm-up iteration (compiles) {time.perf_counter() - start:.1f} s")
+        if name in ("ours-rims-compiled", "ours-rims-graphs"):
+            print(f"{name}: warm-up iteration (compiles or records) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, model in models.items():

@@ -83,7 +83,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the RIM core's step with torch.compile (rims.compile=default; reduce-overhead for CUDA graphs)",
+        help=(
+            "compile the RIM core's step with torch.compile (rims.compile=default); on a GPU, "
+            "rims.cuda_graphs=true (replaying each whole unroll as CUDA graphs) is faster"
+        ),
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p

@@ -134,6 +134,10 @@ class RIMConfig:
         ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune-no-cudagraphs"``) for the
         per-step function of the time loop. The numbers are those of the eager step (to float
         rounding); the first calls of each shape pay the compile time (tens of seconds on a CPU).
+    :param cuda_graphs: record the whole time loop of each input shape, forward and backward, as
+        CUDA graphs and replay them (:mod:`rim_agents.cuda_graphs`): one launch per unroll instead
+        of one per kernel, the same numbers. Applies where the core runs on a CUDA device (elsewhere
+        the eager loop runs); off by default.
     """
 
     num_units: int = 6
@@ -159,6 +163,7 @@ class RIMConfig:
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
     k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
     compile: str = "off"  # off | a torch.compile mode for the per-step function (default, reduce-overhead, ...)
+    cuda_graphs: bool = False  # replay the whole unroll as CUDA graphs on a GPU (rim_agents.cuda_graphs)
 
     def __post_init__(self) -> None:
         sizes = [
@@ -196,6 +201,8 @@ class RIMConfig:
             raise ValueError(f"RIM setting k_anneal={self.k_anneal!r} is invalid: it must lie in [0, 1]")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"RIM setting compile={self.compile!r} is invalid: use one of {', '.join(COMPILE_MODES)}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"RIM setting cuda_graphs={self.cuda_graphs!r} is invalid: use true or false")
         for name in ("selection_noise", "balance_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must be >= 0")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rim_agents.config import RIMConfig
+from rim_agents.cuda_graphs import UnrollGraphs
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through"]
@@ -50,6 +51,8 @@ __all__ = ["Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "St
 #: Compiled step functions, kept beside (not inside) their cells so that a cell pickles and deep-copies
 #: as a plain module.
 _COMPILED: weakref.WeakKeyDictionary[RIMCell, Callable[..., StepOutput]] = weakref.WeakKeyDictionary()
+#: Recorded CUDA graphs of whole unrolls (``cuda_graphs``), likewise beside their cores.
+_GRAPHS: weakref.WeakKeyDictionary[RIMCore, UnrollGraphs] = weakref.WeakKeyDictionary()
 
 
 def _uniform_(tensor: th.Tensor, fan_in: int) -> th.Tensor:
@@ -202,6 +205,7 @@ class RIMCell(nn.Module):
         self.selection_noise = float(c.selection_noise)
         self.balance_coef = float(c.balance_coef)
         self.compile_mode = c.compile
+        self.cuda_graphs = c.cuda_graphs
         # Set by RIMCore while it tracks activity: the last communication attention (B, K, K).
         self.record_communication = False
         self.last_communication: th.Tensor | None = None
@@ -558,8 +562,49 @@ class RIMCore(nn.Module):
         :param episode_starts: ``(T, B)``, nonzero where an episode starts (state zeroed there).
         :return: ``out`` ``(T, B, K*d_h)`` and the final ``(h, c)``.
         """
+        if self.cell.cuda_graphs and x.is_cuda and not self.track_activity and not self._balance_active():
+            graphed = self._graphed(x, state, episode_starts)
+            if graphed is not None:
+                return graphed
         out, new_state = self.run(self.cell, x, state, episode_starts, self)
         return out, new_state
+
+    def _balance_active(self) -> bool:
+        cell = self.cell
+        return cell.balance_coef > 0 and cell.k_now < cell.num_units and th.is_grad_enabled()
+
+    def _graphed(
+        self, x: th.Tensor, state: State | None, episode_starts: th.Tensor | None
+    ) -> tuple[th.Tensor, State] | None:
+        """The unroll replayed from a CUDA graph (see :mod:`rim_agents.cuda_graphs`); None when it
+        must run eagerly. Absent state and starts become zeros, which the loop treats exactly as
+        their absence."""
+        if x.dim() != 3:
+            return None
+        T, B = x.shape[0], x.shape[1]
+        h0, c0 = self.initial_state(B, x.device) if state is None else state
+        starts = x.new_zeros(T, B) if episode_starts is None else episode_starts.to(x.dtype)
+        graphs = _GRAPHS.get(self)
+        if graphs is None:
+            cell = self.cell
+
+            def unroll(
+                x: th.Tensor, h0: th.Tensor, c0: th.Tensor, starts: th.Tensor
+            ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+                out, (h, c) = RIMCore.run(cell, x, (h0, c0), starts)
+                return out, h, c
+
+            graphs = _GRAPHS[self] = UnrollGraphs(cell, unroll)
+        result = graphs(x, h0, c0, starts)
+        if result is None:
+            return None
+        out, h, c = result
+        return out, (h, c)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RIMCore:
+        # Moving or casting the parameters invalidates recorded graphs (they hold the old tensors).
+        _GRAPHS.pop(self, None)
+        return super()._apply(fn, *args, **kwargs)
 
     @staticmethod
     def run(
