@@ -13,7 +13,9 @@ capture). PPO's fixed-length training chunks and its rollout step give two shape
 
 The graph's buffers are reused by every replay, so a graphed training unroll must be
 back-propagated before the same shape runs again with gradients: until the gradient reaches its
-outputs, another call of that shape runs eagerly (correct, only slower). Outputs are copies, so
+outputs, another call of that shape runs eagerly (correct, only slower). A trainer that drops an
+unroll without its backward (PPO's ``target_kl`` stop) calls :meth:`UnrollGraphs.release` once
+that unroll can no longer be back-propagated (``RIMPPO`` does after every update). Outputs are copies, so
 the caller may keep them. Activity tracking and the balance loss (Python-side bookkeeping per
 step) always run eagerly, and so does anything not on a CUDA device.
 """
@@ -91,6 +93,11 @@ class UnrollGraphs:
             if t.requires_grad:
                 t.register_hook(graphed._done)
         return out.clone(), h.clone(), c.clone()
+
+    def release(self) -> None:
+        """Declare every earlier training unroll finished (back-propagated or dropped)."""
+        for graphed in self.graphs.values():
+            graphed.pending = False
 
     def _record(self, args: tuple[th.Tensor, ...], grad: bool, needs: tuple[bool, ...]) -> _Graphed:
         if grad:

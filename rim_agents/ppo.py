@@ -220,6 +220,10 @@ class RIMPPO(RecurrentPPO):
 
     def train(self) -> None:
         super().train()
+        if isinstance(self.policy, RIMPolicy):
+            # The update's unrolls are back-propagated, or dropped by the target_kl stop.
+            for core in self.policy.rim_cores():
+                core.release_graphs()
         if isinstance(self.policy, RIMPolicy) and self.policy.normalize_observations:
             # After the update: collecting and training this rollout used the same moments.
             observations: Any = self.rollout_buffer.observations

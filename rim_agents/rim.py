@@ -601,6 +601,13 @@ class RIMCore(nn.Module):
         out, h, c = result
         return out, (h, c)
 
+    def release_graphs(self) -> None:
+        """Let recorded training unrolls replay again: every unroll so far has been back-propagated
+        or dropped (see :meth:`rim_agents.cuda_graphs.UnrollGraphs.release`)."""
+        graphs = _GRAPHS.get(self)
+        if graphs is not None:
+            graphs.release()
+
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RIMCore:
         # Moving or casting the parameters invalidates recorded graphs (they hold the old tensors).
         _GRAPHS.pop(self, None)

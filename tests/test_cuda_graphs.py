@@ -59,6 +59,35 @@ def test_a_training_unroll_is_not_replayed_before_its_backward(monkeypatch: pyte
     assert len(graphs.graphs) == 3  # (5, 3) with and without gradients, (4, 3)
 
 
+def test_release_lets_a_dropped_training_unroll_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training unroll dropped without its backward (PPO's target_kl stop) blocks its shape's
+    replay until the trainer releases it; RIMPPO releases after every update."""
+    core = RIMCore(8, num_units=4, k_active=2, unit_size=4)
+
+    def unroll(x: th.Tensor, h0: th.Tensor, c0: th.Tensor, starts: th.Tensor) -> tuple[th.Tensor, ...]:
+        out, (h, c) = RIMCore.run(core.cell, x, (h0, c0), starts)
+        return out, h, c
+
+    graphs = UnrollGraphs(core.cell, unroll)
+    monkeypatch.setattr(graphs, "_record", lambda args, grad, needs: _Graphed(unroll, with_grad=grad))
+    args = (th.randn(5, 3, 8), *core.initial_state(3), th.zeros(5, 3))
+    assert graphs(*args) is not None
+    assert graphs(*args) is None
+    graphs.release()
+    assert graphs(*args) is not None
+
+    released = []
+    monkeypatch.setattr(RIMCore, "release_graphs", lambda self: released.append(self))
+    from rim_agents.models import build_model, make_env
+
+    tiny = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1", "checkpoint_freq=0"]
+    config = load_config("CartPole-v1", "rims", overrides=tiny, flags={"total_timesteps": 64})
+    model = build_model(config, make_env(config))
+    model.learn(64)  # two updates
+    cores = model.policy.rim_cores()
+    assert len(cores) >= 1 and released == cores * 2
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_graphed_unrolls_equal_eager_ones_on_a_gpu(cell: str) -> None:
