@@ -203,6 +203,11 @@ class RIMConfig:
             raise ValueError(f"RIM setting compile={self.compile!r} is invalid: use one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"RIM setting cuda_graphs={self.cuda_graphs!r} is invalid: use true or false")
+        if self.cuda_graphs and self.compile != "off":
+            raise ValueError(
+                f"RIM settings cuda_graphs=true and compile={self.compile!r} are alternatives: set compile=off "
+                "(cuda_graphs records the whole unroll) or cuda_graphs=false"
+            )
         for name in ("selection_noise", "balance_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must be >= 0")

@@ -22,6 +22,8 @@ def test_cuda_graphs_is_a_checked_switch() -> None:
     assert load_config("CartPole-v1", "rims", overrides=["rims.cuda_graphs=true"]).rims.cuda_graphs is True
     with pytest.raises(ValueError, match="cuda_graphs='yes' is invalid: use true or false"):
         RIMConfig(cuda_graphs="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cuda_graphs=true and compile='default' are alternatives"):
+        RIMConfig(cuda_graphs=True, compile="default")
 
 
 def test_off_a_gpu_the_eager_loop_runs() -> None:
