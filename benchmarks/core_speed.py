@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch as th
 from torch import nn
@@ -87,8 +88,13 @@ def main() -> None:
     x = th.randn(T, B, d_in, device=device)
     proj = th.randn(T, B, K * d_h, device=device)
 
-    rim_lstm = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1)
-    rim_gru = RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru", input_dropout=0.1, comm_dropout=0.1)
+    def rim(cell: str = "lstm", **settings: Any) -> RIMCore:
+        """The benchmark's RIM core (K=6, k=4, dropout 0.1) with ``settings``, on the device."""
+        return RIMCore(
+            d_in, num_units=K, k_active=4, unit_size=d_h, cell=cell, input_dropout=0.1, comm_dropout=0.1, **settings
+        ).to(device)
+
+    rim_lstm, rim_gru = rim("lstm"), rim("gru")
     lstm = nn.LSTM(d_in, K * d_h)
     reference = LoopRIMReference(d_in, K, 4, d_h)
     for module in (rim_lstm, rim_gru, lstm, reference):
@@ -96,10 +102,7 @@ def main() -> None:
     sync = th.cuda.synchronize if device.type == "cuda" else lambda: None
     compiled = None
     if args.compile:
-        compiled = RIMCore(
-            d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1,
-            compile="reduce-overhead" if device.type == "cuda" else "default",
-        ).to(device)  # fmt: skip
+        compiled = rim(compile="reduce-overhead" if device.type == "cuda" else "default")
         start = time.perf_counter()
         for _ in range(2):  # the first calls compile the forward and the backward
             (compiled(x)[0] * proj).sum().backward()
@@ -115,10 +118,7 @@ def main() -> None:
     if compiled is not None:
         variants["RIMCore lstm compiled"] = lambda: compiled(x)[0]
     if device.type == "cuda":
-        graphed = RIMCore(
-            d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm", input_dropout=0.1, comm_dropout=0.1,
-            cuda_graphs=True,
-        ).to(device)  # fmt: skip
+        graphed = rim(cuda_graphs=True)
         start = time.perf_counter()
         (graphed(x)[0] * proj).sum().backward()  # records the forward and backward graphs
         sync()

@@ -220,10 +220,6 @@ class RIMPPO(RecurrentPPO):
 
     def train(self) -> None:
         super().train()
-        if isinstance(self.policy, RIMPolicy):
-            # The update's unrolls are back-propagated, or dropped by the target_kl stop.
-            for core in self.policy.rim_cores():
-                core.release_graphs()
         if isinstance(self.policy, RIMPolicy) and self.policy.normalize_observations:
             # After the update: collecting and training this rollout used the same moments.
             observations: Any = self.rollout_buffer.observations
@@ -234,6 +230,8 @@ class RIMPPO(RecurrentPPO):
             losses = [loss for core in self.policy.rim_cores() for loss in core.balance_losses]
             for core in self.policy.rim_cores():
                 core.balance_losses.clear()
+                # The update's unrolls are back-propagated, or dropped by the target_kl stop.
+                core.release_graphs()
             if losses:
                 self.logger.record("rims/balance_loss", th.stack(losses).mean().item())
 

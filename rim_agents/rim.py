@@ -476,6 +476,10 @@ class RIMCell(nn.Module):
                 c_out = c_out + g * (c_new - c)
         return StepOutput(h_tent, c_out, mask, null_att, token_att)
 
+    def balance_loss_on(self) -> bool:
+        """Whether an unroll now adds the balance loss: a coefficient, dormant RIMs and gradients."""
+        return self.balance_coef > 0 and self.k_now < self.num_units and th.is_grad_enabled()
+
     def step_function(self) -> Callable[[PreparedInput, th.Tensor, th.Tensor], StepOutput]:
         """:meth:`step`, compiled with ``torch.compile`` once per cell when ``compile`` is a mode."""
         if self.compile_mode == "off":
@@ -562,16 +566,12 @@ class RIMCore(nn.Module):
         :param episode_starts: ``(T, B)``, nonzero where an episode starts (state zeroed there).
         :return: ``out`` ``(T, B, K*d_h)`` and the final ``(h, c)``.
         """
-        if self.cell.cuda_graphs and x.is_cuda and not self.track_activity and not self._balance_active():
+        if self.cell.cuda_graphs and x.is_cuda and not self.track_activity and not self.cell.balance_loss_on():
             graphed = self._graphed(x, state, episode_starts)
             if graphed is not None:
                 return graphed
         out, new_state = self.run(self.cell, x, state, episode_starts, self)
         return out, new_state
-
-    def _balance_active(self) -> bool:
-        cell = self.cell
-        return cell.balance_coef > 0 and cell.k_now < cell.num_units and th.is_grad_enabled()
 
     def _graphed(
         self, x: th.Tensor, state: State | None, episode_starts: th.Tensor | None
@@ -655,7 +655,7 @@ class RIMCore(nn.Module):
         if cell.cell_type == "gru":
             c = th.zeros_like(h)
         track = tracker is not None and tracker.track_activity
-        balance = cell.balance_coef > 0 and cell.k_now < cell.num_units and th.is_grad_enabled()
+        balance = cell.balance_loss_on()
         outs: list[th.Tensor] = []
         masks: list[th.Tensor] = []
         attentions: list[th.Tensor] = []

@@ -17,6 +17,18 @@ from rim_agents.cuda_graphs import UnrollGraphs, _Graphed
 CUDA = th.cuda.is_available()
 
 
+def eager_recordings(core: RIMCore, monkeypatch: pytest.MonkeyPatch) -> UnrollGraphs:
+    """UnrollGraphs of ``core`` whose "recordings" run the eager loop: its bookkeeping on the CPU."""
+
+    def unroll(x: th.Tensor, h0: th.Tensor, c0: th.Tensor, starts: th.Tensor) -> tuple[th.Tensor, ...]:
+        out, (h, c) = RIMCore.run(core.cell, x, (h0, c0), starts)
+        return out, h, c
+
+    graphs = UnrollGraphs(core.cell, unroll)
+    monkeypatch.setattr(graphs, "_record", lambda args, grad, needs: _Graphed(unroll, with_grad=grad))
+    return graphs
+
+
 def test_cuda_graphs_is_a_checked_switch() -> None:
     assert RIMConfig().cuda_graphs is False
     assert load_config("CartPole-v1", "rims", overrides=["rims.cuda_graphs=true"]).rims.cuda_graphs is True
@@ -39,15 +51,7 @@ def test_off_a_gpu_the_eager_loop_runs() -> None:
 def test_a_training_unroll_is_not_replayed_before_its_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     """UnrollGraphs' bookkeeping with the recording replaced by the eager loop."""
     core = RIMCore(8, num_units=4, k_active=2, unit_size=4)
-    calls = []
-
-    def unroll(x: th.Tensor, h0: th.Tensor, c0: th.Tensor, starts: th.Tensor) -> tuple[th.Tensor, ...]:
-        calls.append(x.shape)
-        out, (h, c) = RIMCore.run(core.cell, x, (h0, c0), starts)
-        return out, h, c
-
-    graphs = UnrollGraphs(core.cell, unroll)
-    monkeypatch.setattr(graphs, "_record", lambda args, grad, needs: _Graphed(unroll, with_grad=grad))
+    graphs = eager_recordings(core, monkeypatch)
     h0, c0 = core.initial_state(3)
     x, starts = th.randn(5, 3, 8), th.zeros(5, 3)
     first = graphs(x, h0, c0, starts)
@@ -65,13 +69,7 @@ def test_release_lets_a_dropped_training_unroll_replay(monkeypatch: pytest.Monke
     """A training unroll dropped without its backward (PPO's target_kl stop) blocks its shape's
     replay until the trainer releases it; RIMPPO releases after every update."""
     core = RIMCore(8, num_units=4, k_active=2, unit_size=4)
-
-    def unroll(x: th.Tensor, h0: th.Tensor, c0: th.Tensor, starts: th.Tensor) -> tuple[th.Tensor, ...]:
-        out, (h, c) = RIMCore.run(core.cell, x, (h0, c0), starts)
-        return out, h, c
-
-    graphs = UnrollGraphs(core.cell, unroll)
-    monkeypatch.setattr(graphs, "_record", lambda args, grad, needs: _Graphed(unroll, with_grad=grad))
+    graphs = eager_recordings(core, monkeypatch)
     args = (th.randn(5, 3, 8), *core.initial_state(3), th.zeros(5, 3))
     assert graphs(*args) is not None
     assert graphs(*args) is None
