@@ -70,6 +70,7 @@ class PolicyConfig:
     ortho_init: bool = True
     normalize_images: bool = True
     normalize_observations: bool = False  # standardise Box observations with running moments
+    forget_bias: float = 0.0  # added at init to the cores' keep-gate bias (LSTM forget, GRU update gate)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

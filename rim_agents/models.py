@@ -68,6 +68,7 @@ def policy_kwargs(config: TrainConfig, observation_space: spaces.Space | None = 
         "ortho_init": p.ortho_init,
         "normalize_images": normalize,
         "normalize_observations": p.normalize_observations,
+        "forget_bias": p.forget_bias,
         "net_arch": list(p.net_arch),
         "features_extractor_class": extractor_class(name),
         "features_extractor_kwargs": dict(p.features_extractor_kwargs),

@@ -31,7 +31,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from rim_agents.config import RIMConfig
-from rim_agents.cores import CORES, FeedForwardCore, build_core, core_hidden_size, unroll
+from rim_agents.cores import CORES, FeedForwardCore, add_forget_bias, build_core, core_hidden_size, unroll
 from rim_agents.normalization import NormalizedObservations
 from rim_agents.rim import RIMCore
 
@@ -55,6 +55,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     :param normalize_observations: standardise (flat ``Box``) observations with running moments
         before the features extractor (:mod:`rim_agents.normalization`); the moments are buffers of
         this policy, updated by :meth:`update_observation_moments`.
+    :param forget_bias: added at initialisation to the bias of each core's keep gate (LSTM forget
+        gate, GRU update gate, in the actor's and the critic's core, RIM cells included;
+        :func:`rim_agents.cores.add_forget_bias`); 0 keeps PyTorch's initialisation.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -72,6 +75,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         enable_critic_lstm: bool = True,
         lstm_kwargs: dict[str, Any] | None = None,
         normalize_observations: bool = False,
+        forget_bias: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if core not in CORES:
@@ -131,6 +135,10 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
+        self.forget_bias = forget_bias
+        for module in (self.lstm_actor, self.lstm_critic):
+            if module is not None:
+                add_forget_bias(module, forget_bias)
 
     def _build_mlp_extractor(self) -> None:
         if self.core_name == "none":
@@ -149,6 +157,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             enable_critic_lstm=self.enable_critic_lstm,
             lstm_kwargs={k: v for k, v in self.lstm_kwargs.items() if k not in self.core_kwargs},
             normalize_observations=self.normalize_observations,
+            forget_bias=self.forget_bias,
         )
         if self.normalize_observations:  # the extractor as configured, not its wrapper
             wrapped = data["features_extractor_kwargs"]

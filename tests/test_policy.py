@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -17,7 +18,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rim_agents import RIMPPO, RIMCore, RIMPolicy
 from rim_agents.config import RIMConfig
-from rim_agents.cores import FeedForwardCore, GRUCore, unroll
+from rim_agents.cores import FeedForwardCore, GRUCore, add_forget_bias, unroll
 from rim_agents.extractors import NatureCNNTokens
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
 
@@ -496,3 +497,49 @@ def test_rim_selection_options_in_ppo() -> None:
     assert cell.input_dropout == 0.0 and cell.comm_dropout == 0.0 and cell.selection == "straight_through"
     with pytest.raises(ValueError, match="selection_noise > 0 cannot train a PPO policy"):
         RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("rims", core_kwargs={"selection_noise": 0.1}))
+
+
+# ----------------------------------------------------------------------- forget-gate bias
+@pytest.mark.parametrize("core", ["lstm", "gru", "rims-lstm", "rims-gru"])
+def test_forget_bias_opens_the_keep_gate(core: str) -> None:
+    """With every weight zero, a core whose keep-gate bias is large carries its state through a
+    step of zero input unchanged (LSTM: c; GRU: h); with the bias on another gate it would not."""
+    name, _, cell = core.partition("-")
+    core_kwargs = {**SMALL_RIMS, "k_active": SMALL_RIMS["num_units"], "cell": cell} if cell else None
+    net = RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs(name, core_kwargs=core_kwargs))
+    net = net.policy.lstm_actor
+    with th.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    add_forget_bias(net, 30.0)
+    B = 3
+    h0, c0 = th.randn(1, B, net.hidden_size), th.randn(1, B, net.hidden_size)
+    with th.no_grad():
+        _, (h1, c1) = net(th.zeros(1, B, net.input_size), (h0, c0))
+    kept, other = (c1, h1) if "gru" not in core else (h1, c1)
+    th.testing.assert_close(kept, c0 if "gru" not in core else h0)
+    if "gru" not in core:  # zero weights: o = 1/2, so h = tanh(c) / 2
+        th.testing.assert_close(other, th.tanh(c0) / 2)
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru", "none"])
+def test_forget_bias_changes_only_the_keep_gate_of_both_cores(core: str) -> None:
+    params = {}
+    for bias in (0.0, 1.5):
+        th.manual_seed(0)
+        spaces = gym.make("CartPole-v1")
+        policy = RIMPolicy(
+            spaces.observation_space, spaces.action_space, lambda _: 1e-3, **policy_kwargs(core, forget_bias=bias)
+        )
+        params[bias] = dict(policy.named_parameters())
+        assert policy._get_constructor_parameters()["forget_bias"] == bias
+    changed = {k for k, v in params[0.0].items() if not th.equal(v, params[1.5][k])}
+    if core == "none":
+        assert not changed
+        return
+    assert changed == {k for k in params[0.0] if "bias_ih" in k and k.startswith(("lstm_actor", "lstm_critic"))}
+    for k in changed:
+        diff = params[1.5][k] - params[0.0][k]
+        width = diff.shape[-1] // (4 if core in ("lstm", "rims") else 3)
+        th.testing.assert_close(diff[..., width : 2 * width], th.full_like(diff[..., width : 2 * width], 1.5))
+        assert not diff[..., :width].any() and not diff[..., 2 * width :].any()
