@@ -79,6 +79,10 @@ class MiniGridExtractor(BaseFeaturesExtractor):
     :param features_dim: output width.
     :param embed_dim: width of each index embedding.
     :param target_match: add the cell-times-target channels (needs a pickup env's ``target``).
+    :param readout_tokens: append every cell's embedding (the same sum of type, colour and state
+        rows) to the output, ``V * V * embed_dim`` more values after the ``features_dim`` features:
+        the tokens of the policy's ``token_readout``, which scores each cell against a query from
+        the core's output. ``readout_shape`` is then ``(V * V, embed_dim)`` (else None).
     """
 
     def __init__(
@@ -87,8 +91,8 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         features_dim: int = 128,
         embed_dim: int = 16,
         target_match: bool = False,
+        readout_tokens: bool = False,
     ) -> None:
-        super().__init__(observation_space, features_dim)
         image_space = observation_space["image"]
         if not isinstance(image_space, gym.spaces.Box) or len(image_space.shape) != 3 or image_space.shape[2] != 3:
             raise ValueError(
@@ -96,6 +100,8 @@ class MiniGridExtractor(BaseFeaturesExtractor):
                 "use the rim_agents MiniGrid environments"
             )
         V = image_space.shape[0]
+        self.readout_shape = (V * V, embed_dim) if readout_tokens else None
+        super().__init__(observation_space, features_dim + (V * V * embed_dim if readout_tokens else 0))
         self.max_index = int(image_space.high.max()) + 1
         self.embed = nn.Embedding(3 * self.max_index, embed_dim)
         self.register_buffer("offsets", th.arange(3) * self.max_index, persistent=False)
@@ -129,17 +135,22 @@ class MiniGridExtractor(BaseFeaturesExtractor):
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         offsets: th.Tensor = self.offsets  # type: ignore[assignment]
         idx = observations["image"].long().clamp_(0, self.max_index - 1) + offsets  # (B, V, V, 3)
-        grid = self.embed(idx).sum(dim=3).permute(0, 3, 1, 2)  # (B, E, V, V)
+        cells = self.embed(idx).sum(dim=3)  # (B, V, V, E)
+        grid = cells.permute(0, 3, 1, 2)  # (B, E, V, V)
         if self.target_match:
             target = self.target_embedding(observations["target"])
             grid = th.cat([grid, grid * target[..., None, None]], dim=1)
         h1 = self.conv1(grid)
         if self.film is None:
-            return self.head(th.relu(self.conv2(th.relu(h1))).flatten(1))
-        g1, b1, g2, b2 = self.film(observations["target"].float()).split([32, 32, 64, 64], dim=1)
-        h2 = self.conv2(th.relu(h1 * (1 + g1[..., None, None]) + b1[..., None, None]))
-        h2 = h2 * (1 + g2[..., None, None]) + b2[..., None, None]
-        return self.head(th.relu(h2).flatten(1))
+            h2 = self.conv2(th.relu(h1))
+        else:
+            g1, b1, g2, b2 = self.film(observations["target"].float()).split([32, 32, 64, 64], dim=1)
+            h2 = self.conv2(th.relu(h1 * (1 + g1[..., None, None]) + b1[..., None, None]))
+            h2 = h2 * (1 + g2[..., None, None]) + b2[..., None, None]
+        features = self.head(th.relu(h2).flatten(1))
+        if self.readout_shape is None:
+            return features
+        return th.cat([features, cells.flatten(1)], dim=1)
 
 
 EXTRACTORS: dict[str, type[BaseFeaturesExtractor]] = {

@@ -14,12 +14,17 @@ sb3-contrib's. Differences:
   ``nn.LSTM`` / ``nn.GRU``, instead of sb3-contrib's per-step loop whenever a minibatch holds an
   episode start;
 - a token extractor (``NatureCNNTokens``) feeds the RIM core a set of tokens per step;
+- ``token_readout``: the heads also read one score per token of the extractor (MiniGrid: per
+  cell), the token's match with a query computed from the core's output, so a target the core
+  remembers can be matched against what is seen by a dot product instead of by the heads' MLP;
 - the constructor parameters include the core's, so ``policy.save`` / ``load`` round-trips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -58,6 +63,11 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     :param forget_bias: added at initialisation to the bias of each core's keep gate (LSTM forget
         gate, GRU update gate, in the actor's and the critic's core, RIM cells included;
         :func:`rim_agents.cores.add_forget_bias`); 0 keeps PyTorch's initialisation.
+    :param token_readout: the extractor appends read-out tokens ``(N, E)`` to its features (it must
+        offer them: ``minigrid``); each core's output ``o`` gives a query ``q = W o`` (one linear
+        map for the actor, one for the critic core) and the heads read ``[o, tokens . q / sqrt(E)]``:
+        ``N`` scores more. The core reads the features without the tokens. Needs a critic core
+        (``enable_critic_lstm``) or ``shared_lstm``.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -76,6 +86,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         lstm_kwargs: dict[str, Any] | None = None,
         normalize_observations: bool = False,
         forget_bias: float = 0.0,
+        token_readout: bool = False,
         **kwargs: Any,
     ) -> None:
         if core not in CORES:
@@ -100,6 +111,23 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         if core == "none":
             # The critic gets its own (identity) core: it reads the features with gradient.
             shared_lstm, enable_critic_lstm = False, True
+        self.token_readout = token_readout
+        self.readout_shape: tuple[int, int] | None = None  # set with the heads, from the extractor
+        if token_readout:
+            if not (enable_critic_lstm or shared_lstm):
+                raise ValueError(
+                    "token_readout needs a critic that reads a core: set enable_critic_lstm=true (or shared_lstm=true)"
+                )
+            extractor = kwargs.get("features_extractor_class", FlattenExtractor)
+            if "readout_tokens" not in inspect.signature(extractor).parameters:
+                raise ValueError(
+                    f"token_readout needs an extractor that gives read-out tokens, not {extractor.__name__}: "
+                    "use features_extractor minigrid"
+                )
+            kwargs["features_extractor_kwargs"] = {
+                **(kwargs.get("features_extractor_kwargs") or {}),
+                "readout_tokens": True,
+            }
         self.normalize_observations = normalize_observations
         if normalize_observations:  # the wrapper refuses spaces it cannot standardise
             kwargs["features_extractor_kwargs"] = {
@@ -121,15 +149,24 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         token_shape = getattr(self.pi_features_extractor, "token_shape", None)
         # The RIM core reads tokens; nn.LSTM / nn.GRU read their flattening.
         self.core_input_shape: tuple[int, ...] = (
-            tuple(token_shape) if core == "rims" and token_shape is not None else (self.features_dim,)
+            tuple(token_shape)
+            if core == "rims" and token_shape is not None
+            else (self.features_dim - self.readout_width,)
         )
-        if core != "lstm":
-            build = {**lstm_kwargs, **self.core_kwargs} if core == "gru" else self.core_kwargs
+        self.readout_actor: nn.Linear | None = None
+        self.readout_critic: nn.Linear | None = None
+        if core != "lstm" or self.readout_shape is not None:
+            build = {**lstm_kwargs, **self.core_kwargs} if core in ("gru", "lstm") else self.core_kwargs
             input_size = self.core_input_shape[-1]
             # sb3-contrib types these as nn.LSTM; every core follows its calling convention.
             self.lstm_actor = build_core(core, input_size, lstm_hidden_size, n_lstm_layers, build)  # type: ignore[assignment]
             if self.lstm_critic is not None:
                 self.lstm_critic = build_core(core, input_size, lstm_hidden_size, n_lstm_layers, build)  # type: ignore[assignment]
+            if self.readout_shape is not None:
+                core_width = self.lstm_output_dim - self.readout_shape[0]
+                self.readout_actor = nn.Linear(core_width, self.readout_shape[1])
+                if self.lstm_critic is not None:
+                    self.readout_critic = nn.Linear(core_width, self.readout_shape[1])
             self.to(self.device)
             # The base class built its optimizer over the nn.LSTM we just replaced.
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
@@ -140,10 +177,24 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             if module is not None:
                 add_forget_bias(module, forget_bias)
 
+    @property
+    def readout_width(self) -> int:
+        """How many of the extractor's outputs are read-out tokens (0 without ``token_readout``)."""
+        return 0 if self.readout_shape is None else self.readout_shape[0] * self.readout_shape[1]
+
     def _build_mlp_extractor(self) -> None:
+        if self.token_readout:
+            self.readout_shape = getattr(self.pi_features_extractor, "readout_shape", None)
+            if self.readout_shape is None:
+                raise ValueError(
+                    f"token_readout needs an extractor that gives read-out tokens, not "
+                    f"{type(self.pi_features_extractor).__name__}: use features_extractor minigrid"
+                )
         if self.core_name == "none":
             # The heads read the features themselves; the state stays one unit wide.
-            self.lstm_output_dim = self.features_dim
+            self.lstm_output_dim = self.features_dim - self.readout_width
+        if self.readout_shape is not None:
+            self.lstm_output_dim += self.readout_shape[0]  # one score per token
         super()._build_mlp_extractor()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -158,7 +209,12 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             lstm_kwargs={k: v for k, v in self.lstm_kwargs.items() if k not in self.core_kwargs},
             normalize_observations=self.normalize_observations,
             forget_bias=self.forget_bias,
+            token_readout=self.token_readout,
         )
+        if self.token_readout:  # the policy asks its extractor for the tokens itself
+            data["features_extractor_kwargs"] = {
+                k: v for k, v in data["features_extractor_kwargs"].items() if k != "readout_tokens"
+            }
         if self.normalize_observations:  # the extractor as configured, not its wrapper
             wrapped = data["features_extractor_kwargs"]
             data.update(
@@ -194,13 +250,25 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         :param episode_starts: ``(n_seq * T,)``.
         :return: core output ``(n_seq * T, hidden)`` and the final states.
         """
+        tokens = None
+        if self.readout_shape is not None:
+            features, tokens = features.split([features.shape[-1] - self.readout_width, self.readout_width], dim=-1)
         if isinstance(lstm, FeedForwardCore):
-            return features, lstm_states
-        n_seq = lstm_states[0].shape[1]
-        x = features.reshape(n_seq, -1, *self.core_input_shape).transpose(0, 1)
-        starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
-        out, states = unroll(lstm, x, lstm_states, starts)
-        return out.transpose(0, 1).flatten(0, 1), states
+            out, states = features, lstm_states
+        else:
+            n_seq = lstm_states[0].shape[1]
+            x = features.reshape(n_seq, -1, *self.core_input_shape).transpose(0, 1)
+            starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
+            out, states = unroll(lstm, x, lstm_states, starts)
+            out = out.transpose(0, 1).flatten(0, 1)
+        if tokens is None or self.readout_shape is None:
+            return out, states
+        readout = self.readout_critic if lstm is self.lstm_critic else self.readout_actor
+        assert readout is not None
+        n_tokens, width = self.readout_shape
+        query = readout(out)  # (M, E)
+        scores = th.einsum("mne,me->mn", tokens.reshape(-1, n_tokens, width), query) / math.sqrt(width)
+        return th.cat([out, scores], dim=-1), states
 
 
 class CnnRIMPolicy(RIMPolicy):

@@ -543,3 +543,107 @@ def test_forget_bias_changes_only_the_keep_gate_of_both_cores(core: str) -> None
         width = diff.shape[-1] // (4 if core in ("lstm", "rims") else 3)
         th.testing.assert_close(diff[..., width : 2 * width], th.full_like(diff[..., width : 2 * width], 1.5))
         assert not diff[..., :width].any() and not diff[..., 2 * width :].any()
+
+
+# ----------------------------------------------------------------------- token read-out
+def _cue_env(n_envs: int = 2) -> DummyVecEnv:
+    from rim_agents.envs.registration import register_envs
+
+    register_envs()
+    return DummyVecEnv([lambda: gym.make("RIMAgents/PickupCue-6x6-v0")] * n_envs)
+
+
+def _minigrid_kwargs(core: str, **extra: object) -> dict[str, object]:
+    from rim_agents.extractors import MiniGridExtractor
+
+    return policy_kwargs(
+        core,
+        features_extractor_class=MiniGridExtractor,
+        features_extractor_kwargs={"features_dim": 32, "target_match": True},
+        normalize_images=False,
+        net_arch=[16],
+        **extra,
+    )
+
+
+def test_readout_tokens_are_the_cell_embeddings() -> None:
+    from stable_baselines3.common.preprocessing import preprocess_obs
+
+    from rim_agents.extractors import MiniGridExtractor
+
+    env = _cue_env(1)
+    space = env.observation_space
+    plain = MiniGridExtractor(space, features_dim=32)
+    th.manual_seed(0)
+    with_tokens = MiniGridExtractor(space, features_dim=32, readout_tokens=True)
+    assert plain.readout_shape is None and with_tokens.readout_shape == (49, 16)
+    assert with_tokens.features_dim == 32 + 49 * 16
+    obs = env.reset()
+    batch = preprocess_obs({k: th.as_tensor(v) for k, v in obs.items()}, space)
+    with th.no_grad():
+        out = with_tokens(batch)
+        idx = th.as_tensor(obs["image"]).long() + th.arange(3) * with_tokens.max_index  # (1, 7, 7, 3)
+        cells = with_tokens.embed(idx).sum(dim=3)  # (1, 7, 7, E)
+    th.testing.assert_close(out[:, 32:].view(1, 49, 16), cells.flatten(1, 2))
+    with_tokens.readout_shape = None  # the same weights without the tokens give the first 32 values
+    with th.no_grad():
+        th.testing.assert_close(with_tokens(batch), out[:, :32])
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru", "none"])
+def test_token_readout_scores_each_token_against_the_core_query(core: str) -> None:
+    """The heads read ``[o, tokens . W o / sqrt(E)]``: the core sees the features without the
+    tokens, actor and critic have their own query, and every new weight is trained."""
+    model = RIMPPO(
+        RIMPolicy, _cue_env(), n_steps=16, batch_size=32, n_epochs=1, seq_len=8,
+        policy_kwargs=_minigrid_kwargs(core, token_readout=True),
+    )  # fmt: skip
+    policy = model.policy
+    assert policy.readout_shape == (49, 16) and policy.core_input_shape == (32,)
+    core_width = 32 if core == "none" else policy.lstm_actor.hidden_size
+    assert policy.mlp_extractor.policy_net[0].in_features == core_width + 49
+    obs, _ = policy.obs_to_tensor(model.env.reset())
+    features = policy.extract_features(obs, policy.pi_features_extractor)
+    tokens = features[:, 32:].view(-1, 49, 16)
+    zeros = th.zeros(policy.lstm_hidden_state_shape[0], 2, policy.lstm_hidden_state_shape[2])
+    starts = th.ones(2)
+    with th.no_grad():
+        latent, _ = policy._process_sequence(features, (zeros, zeros), starts, policy.lstm_actor)
+        core_out = latent[:, :core_width]
+        query = policy.readout_actor(core_out)
+        expected = (tokens @ query.unsqueeze(-1)).squeeze(-1) / 4.0
+        th.testing.assert_close(latent[:, core_width:], expected)
+        critic_latent, _ = policy._process_sequence(features, (zeros, zeros), starts, policy.lstm_critic)
+        critic_query = policy.readout_critic(critic_latent[:, :core_width])
+        th.testing.assert_close(critic_latent[:, core_width:], (tokens @ critic_query.unsqueeze(-1)).squeeze(-1) / 4.0)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if n.startswith("readout_")}
+    assert set(before) == {"readout_actor.weight", "readout_actor.bias", "readout_critic.weight", "readout_critic.bias"}
+    model.learn(32)
+    assert all(not th.equal(p, before[n]) for n, p in policy.named_parameters() if n in before)
+
+
+def test_token_readout_round_trips_and_refuses_what_it_cannot_read(tmp_path) -> None:
+    model = RIMPPO(
+        RIMPolicy,
+        _cue_env(),
+        n_steps=16,
+        batch_size=32,
+        seq_len=8,
+        policy_kwargs=_minigrid_kwargs("lstm", token_readout=True),
+    )
+    params = model.policy._get_constructor_parameters()
+    assert params["token_readout"] is True and "readout_tokens" not in params["features_extractor_kwargs"]
+    clone = RIMPolicy(**copy.deepcopy(params))
+    clone.load_state_dict(model.policy.state_dict())
+    model.save(tmp_path / "m.zip")
+    loaded = RIMPPO.load(tmp_path / "m.zip", env=_cue_env())
+    obs = model.env.reset()
+    for other in (clone, loaded.policy):
+        a = model.policy.predict(obs, deterministic=True)[0]
+        assert np.array_equal(a, other.predict(obs, deterministic=True)[0])
+    with pytest.raises(ValueError, match="token_readout needs an extractor"):
+        RIMPPO("MlpRIMPolicy", "CartPole-v1", policy_kwargs=policy_kwargs("lstm", token_readout=True))
+    with pytest.raises(ValueError, match="token_readout needs a critic"):
+        RIMPPO(
+            RIMPolicy, _cue_env(), policy_kwargs=_minigrid_kwargs("lstm", token_readout=True, enable_critic_lstm=False)
+        )
