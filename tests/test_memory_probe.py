@@ -1,0 +1,41 @@
+"""benchmarks/memory_probe.py: the linear probe separates a state that holds the target from one that does not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from memory_probe import collect, probe_accuracy
+
+
+def test_probe_reads_a_linear_code_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 900)
+    codes = rng.normal(size=(6, 32))
+    held = codes[y] + 0.5 * rng.normal(size=(900, 32))  # the target, linearly coded, plus noise
+    forgotten = rng.normal(size=(900, 32))  # nothing about the target
+    assert probe_accuracy(held, y)[0] > 0.95
+    accuracy, n_classes = probe_accuracy(forgotten, y)
+    assert n_classes == 6 and accuracy < 1 / 6 + 0.1
+
+
+def test_collect_labels_each_state_with_its_episode_target(tmp_path) -> None:
+    from rim_agents.config import load_config
+    from rim_agents.models import build_model, make_env
+
+    config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="lstm", overrides=["policy.lstm_hidden_size=8"])
+    env = make_env(config, n_envs=3, seed=5)
+    model = build_model(config, env)
+    rollout = collect(model, env, 60)
+    assert rollout.states.shape == (180, 8) and rollout.targets.shape == rollout.ages.shape == (180,)
+    # Targets only change where an episode begins (age 0).
+    per_env_y, per_env_age = rollout.targets.reshape(60, 3), rollout.ages.reshape(60, 3)
+    changed = per_env_y[1:] != per_env_y[:-1]
+    assert not (changed & (per_env_age[1:] != 0)).any()
+    # Nothing is "in front" while the cue is shown (the first observation), and pickup is a probability.
+    assert (rollout.facing[rollout.ages == 0] == -1).all()
+    assert set(np.unique(rollout.facing)) <= {-1, 0, 1} and ((rollout.pickup > 0) & (rollout.pickup < 1)).all()
+    assert 0.0 <= rollout.success <= 1.0 or np.isnan(rollout.success)
