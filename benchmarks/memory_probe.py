@@ -14,6 +14,11 @@ not, and a second probe from the state to "the object in front is the target" (a
 the memory and the view), read against the share of its majority class.
 
     python benchmarks/memory_probe.py runs/tune-cue/lstm-fb1-s100 runs/tune-cue/lstm-ro-s100
+
+``--trace`` instead measures how much of the cue a *fresh* core (built from each run's config)
+passes on: on one random-walk episode's features, ``|d o_t / d x_0| / |d o_t / d x_t|`` for the
+actor core's output ``o_t`` at t = 1, 5, 10, 15 (mean of three models, seeds 0-2): the gradient
+that could teach the core to keep the cue, against the one from the current input.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rim_agents.cores import unroll  # noqa: E402
 from rim_agents.models import build_model, load_model, make_env  # noqa: E402 (after the path line)
 from rim_agents.runs import load_run_config, newest_model  # noqa: E402
 
@@ -128,16 +134,54 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 50
     return accuracy, len(classes)
 
 
+TRACE_STEPS = (1, 5, 10, 15)
+
+
+def cue_gradient_ratio(model: Any, env: Any, steps: tuple[int, ...] = TRACE_STEPS) -> list[float]:
+    """``|d o_t / d x_0| / |d o_t / d x_t|`` of ``model``'s actor core over one random-walk episode
+    of ``env`` (one env), for each ``t`` in ``steps``."""
+    policy = model.policy
+    obs = env.reset()
+    features = []
+    rng = np.random.default_rng(0)
+    for _ in range(max(steps) + 1):
+        obs_tensor, _ = policy.obs_to_tensor(obs)
+        with th.no_grad():
+            features.append(policy.extract_features(obs_tensor, policy.pi_features_extractor))
+        obs, *_ = env.step(rng.integers(0, 3, env.num_envs))  # turn or move: the episode goes on
+    x = th.cat(features)[:, None, : policy.core_input_shape[-1]].clone().requires_grad_(True)  # (T, 1, F)
+    core = policy.lstm_actor
+    zeros = th.zeros(core.num_layers, 1, core.hidden_size)
+    starts = th.zeros(len(features), 1)
+    out, _ = unroll(core, x, (zeros, zeros), starts)
+    ratios = []
+    for t in steps:
+        (grad,) = th.autograd.grad(out[t].norm(), x, retain_graph=True)
+        ratios.append((grad[0].norm() / grad[t].norm()).item())
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of a pickup env with cue_steps")
     parser.add_argument("--steps", type=int, default=400, help="vector steps per model (16 envs)")
     parser.add_argument("--min-age", type=int, default=2, help="probe states at least this many steps after the cue")
     parser.add_argument("--seed", type=int, default=2_000_000, help="env seed (disjoint from training's)")
+    parser.add_argument("--trace", action="store_true", help="the cue's gradient through fresh cores instead")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     for run in args.runs:
         config = load_run_config(run)
+        if args.trace:
+            ratios = []
+            for seed in range(3):
+                config.seed = seed
+                env = make_env(config, n_envs=1, seed=args.seed + seed)
+                ratios.append(cue_gradient_ratio(build_model(config, env), env))
+                env.close()
+            mean = np.mean(ratios, axis=0)
+            print(f"{run.name}: cue gradient ratio at t = {TRACE_STEPS}: " + " ".join(f"{v:.3f}" for v in mean))
+            continue
         checkpoint = newest_model(run)
         env = make_env(config, n_envs=16, seed=args.seed)
         models = {"untrained": build_model(config, env)}

@@ -39,3 +39,20 @@ def test_collect_labels_each_state_with_its_episode_target(tmp_path) -> None:
     assert (rollout.facing[rollout.ages == 0] == -1).all()
     assert set(np.unique(rollout.facing)) <= {-1, 0, 1} and ((rollout.pickup > 0) & (rollout.pickup < 1)).all()
     assert 0.0 <= rollout.success <= 1.0 or np.isnan(rollout.success)
+
+
+def test_cue_gradient_ratio_grows_with_the_forget_bias() -> None:
+    """The gradient reaching the cue through a fresh LSTM fades with t, and less with a larger
+    forget-gate bias (the same weights otherwise)."""
+    from memory_probe import cue_gradient_ratio
+
+    from rim_agents.config import load_config
+    from rim_agents.models import build_model, make_env
+
+    ratios = {}
+    for bias in (0.0, 3.0):
+        config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="lstm", overrides=[f"policy.forget_bias={bias}"])
+        env = make_env(config, n_envs=1, seed=3)
+        ratios[bias] = cue_gradient_ratio(build_model(config, env), env, steps=(1, 10))
+    assert ratios[0.0][1] < ratios[0.0][0] and ratios[3.0][1] < ratios[3.0][0]
+    assert ratios[3.0][1] > 3 * ratios[0.0][1]
