@@ -83,6 +83,11 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         rows) to the output, ``V * V * embed_dim`` more values after the ``features_dim`` features:
         the tokens of the policy's ``token_readout``, which scores each cell against a query from
         the core's output. ``readout_shape`` is then ``(V * V, embed_dim)`` (else None).
+    :param tokens: output the grid as ``V * V`` tokens instead of one vector: each cell's 64
+        features after the second convolution (FiLM included) plus a learned embedding of its
+        position, flattened; ``token_shape`` is ``(V * V, 64)``. The RIM core reads them with its
+        input attention (each RIM's query against each cell); other cores read the flattening.
+        ``features_dim`` is then ignored.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         embed_dim: int = 16,
         target_match: bool = False,
         readout_tokens: bool = False,
+        tokens: bool = False,
     ) -> None:
         image_space = observation_space["image"]
         if not isinstance(image_space, gym.spaces.Box) or len(image_space.shape) != 3 or image_space.shape[2] != 3:
@@ -100,7 +106,15 @@ class MiniGridExtractor(BaseFeaturesExtractor):
                 "use the rim_agents MiniGrid environments"
             )
         V = image_space.shape[0]
+        if tokens and readout_tokens:
+            raise ValueError(
+                "MiniGridExtractor: tokens and readout_tokens are alternatives (the RIM core already attends "
+                "over the cells): drop one"
+            )
         self.readout_shape = (V * V, embed_dim) if readout_tokens else None
+        self.token_shape = (V * V, 64) if tokens else None
+        if tokens:
+            features_dim = V * V * 64
         super().__init__(observation_space, features_dim + (V * V * embed_dim if readout_tokens else 0))
         self.max_index = int(image_space.high.max()) + 1
         self.embed = nn.Embedding(3 * self.max_index, embed_dim)
@@ -122,7 +136,11 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         # FiLM (Perez et al. 2018), as in BabyAI: the target scales and shifts every channel of
         # both convolutions, so cells that match it can stand out before the grid is flattened.
         self.film = nn.Linear(target_dim, 2 * (32 + 64)) if target_dim else None
-        self.head = nn.Sequential(nn.Linear(64 * V * V, features_dim), nn.ReLU())
+        if tokens:
+            self.position = nn.Parameter(th.zeros(V * V, 64))
+            nn.init.normal_(self.position, std=0.02)
+        else:
+            self.head = nn.Sequential(nn.Linear(64 * V * V, features_dim), nn.ReLU())
 
     def target_embedding(self, target: th.Tensor) -> th.Tensor:
         """``(B, n_types + n_colours)`` one-hot target -> ``(B, E)``: the sum of its type's and colour's
@@ -147,6 +165,8 @@ class MiniGridExtractor(BaseFeaturesExtractor):
             g1, b1, g2, b2 = self.film(observations["target"].float()).split([32, 32, 64, 64], dim=1)
             h2 = self.conv2(th.relu(h1 * (1 + g1[..., None, None]) + b1[..., None, None]))
             h2 = h2 * (1 + g2[..., None, None]) + b2[..., None, None]
+        if self.token_shape is not None:  # (B, 64, V, V) -> (B, V * V, 64), plus the positions
+            return (th.relu(h2).flatten(2).transpose(1, 2) + self.position).flatten(1)
         features = self.head(th.relu(h2).flatten(1))
         if self.readout_shape is None:
             return features

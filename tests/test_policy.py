@@ -556,14 +556,13 @@ def _cue_env(n_envs: int = 2) -> DummyVecEnv:
 def _minigrid_kwargs(core: str, **extra: object) -> dict[str, object]:
     from rim_agents.extractors import MiniGridExtractor
 
-    return policy_kwargs(
-        core,
-        features_extractor_class=MiniGridExtractor,
-        features_extractor_kwargs={"features_dim": 32, "target_match": True},
-        normalize_images=False,
-        net_arch=[16],
-        **extra,
-    )
+    settings: dict[str, object] = {
+        "features_extractor_class": MiniGridExtractor,
+        "features_extractor_kwargs": {"features_dim": 32, "target_match": True},
+        "normalize_images": False,
+        "net_arch": [16],
+    }
+    return policy_kwargs(core, **{**settings, **extra})
 
 
 def test_readout_tokens_are_the_cell_embeddings() -> None:
@@ -647,3 +646,37 @@ def test_token_readout_round_trips_and_refuses_what_it_cannot_read(tmp_path) -> 
         RIMPPO(
             RIMPolicy, _cue_env(), policy_kwargs=_minigrid_kwargs("lstm", token_readout=True, enable_critic_lstm=False)
         )
+
+
+def test_minigrid_tokens_are_per_cell_and_feed_the_rim_attention() -> None:
+    """With ``tokens`` the extractor gives one token per cell: changing one cell changes only the
+    tokens within two 3x3 convolutions of it; the RIM core reads the tokens, the LSTM their flattening."""
+    from stable_baselines3.common.preprocessing import preprocess_obs
+
+    from rim_agents.extractors import MiniGridExtractor
+
+    env = _cue_env(1)
+    space = env.observation_space
+    extractor = MiniGridExtractor(space, tokens=True)
+    assert extractor.token_shape == (49, 64) and extractor.features_dim == 49 * 64
+    obs = env.reset()
+    obs["image"][0] = 1  # an empty room everywhere
+    changed = {k: v.copy() for k, v in obs.items()}
+    changed["image"][0, 1, 2] = (5, 0, 0)  # a key at x = 1, y = 2
+    with th.no_grad():
+        a, b = (extractor(preprocess_obs({k: th.as_tensor(v) for k, v in o.items()}, space)) for o in (obs, changed))
+    moved = (a - b).view(7, 7, 64).abs().amax(-1) > 0  # [x, y]
+    xs, ys = np.nonzero(moved.numpy())
+    assert moved[1, 2] and (np.abs(xs - 1) <= 2).all() and (np.abs(ys - 2) <= 2).all()
+    with pytest.raises(ValueError, match="alternatives"):
+        MiniGridExtractor(space, tokens=True, readout_tokens=True)
+    kwargs = {"features_extractor_kwargs": {"tokens": True, "target_match": True}}
+    rims = RIMPPO(
+        RIMPolicy, _cue_env(), n_steps=16, batch_size=32, seq_len=8, policy_kwargs=_minigrid_kwargs("rims", **kwargs)
+    )
+    lstm = RIMPPO(
+        RIMPolicy, _cue_env(), n_steps=16, batch_size=32, seq_len=8, policy_kwargs=_minigrid_kwargs("lstm", **kwargs)
+    )
+    assert rims.policy.core_input_shape == (49, 64) and lstm.policy.core_input_shape == (49 * 64,)
+    assert lstm.policy.lstm_actor.input_size == 49 * 64
+    rims.learn(32)
