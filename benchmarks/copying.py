@@ -32,6 +32,11 @@ model x seed tasks at a time on a local Ray (one torch thread each), ``--address
     python benchmarks/copying.py --quick                       # every model, 20 steps: about 2 minutes
     python benchmarks/copying.py --models rims-6-4,lstm-600 --seeds 0,1,2 --parallel 2
     python benchmarks/copying.py --seeds 0,1,2 --address auto  # the whole table on a cluster
+    python benchmarks/copying.py --seeds 0,1,2 --device cuda --cuda-graphs  # on a GPU, RIM unrolls replayed
+
+``--device cuda`` trains and evaluates on the GPU (a run's checkpoint continues on either device);
+``--cuda-graphs`` sets the RIM rows' ``cuda_graphs`` (each unroll recorded once and replayed, the
+same numbers; :mod:`rim_agents.cuda_graphs`).
 
 Writes ``<out>/copying.json`` (every run: settings, curves, final CE at every length) and
 ``<out>/copying.md`` (mean and range over seeds beside the paper's seed table).
@@ -175,13 +180,15 @@ def chrono_init(lstm: nn.LSTM, t_max: int, generator: th.Generator) -> None:
 class CopyModel(nn.Module):
     """Embedding, dropout, core, dropout, read-out: the authors' ``RNNModel`` with any core."""
 
-    def __init__(self, name: str, train_len: int, dropout: float = 0.5) -> None:
+    def __init__(self, name: str, train_len: int, dropout: float = 0.5, cuda_graphs: bool = False) -> None:
         super().__init__()
         self.name = name
         if name.startswith("rims-"):
             K, k = (int(v) for v in name.split("-")[1:])
             width = 600
-            self.core: nn.Module = RIMCore(width, num_units=K, k_active=k, unit_size=width // K, cell="lstm")
+            self.core: nn.Module = RIMCore(
+                width, num_units=K, k_active=k, unit_size=width // K, cell="lstm", cuda_graphs=cuda_graphs
+            )
         elif name.startswith("lstm-"):
             width = int(name.split("-")[1])
             self.core = build_core("lstm", width, width, 1, {})
@@ -225,7 +232,9 @@ def losses(logits: th.Tensor, y: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
 
 def evaluate(model: CopyModel, T: int, batches: int, seed: int, reset_state: bool) -> dict[str, float]:
     """Mean CE over ``batches`` fresh batches of 64 at length ``T`` (state carried unless reset)."""
+    device = next(model.parameters()).device
     x, y = copying_data(T, batches, 64, np.random.default_rng(seed))
+    x, y = x.to(device), y.to(device)
     model.eval()
     totals = np.zeros(2)
     state: State = None
@@ -244,7 +253,8 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
     path = Path(out) / "runs" / f"{name}_s{seed}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     th.manual_seed(seed)
-    model = CopyModel(name, args["train_len"])
+    device = th.device(args.get("device", "cpu"))
+    model = CopyModel(name, args["train_len"], cuda_graphs=args.get("cuda_graphs", False)).to(device)
     opt = th.optim.Adam(model.parameters(), lr=args["lr"])
     plateau = th.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.5, patience=5)
     run: dict[str, Any] = {
@@ -258,11 +268,13 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
     }
     state: State = None
     if path.is_file():
-        saved = th.load(path, weights_only=True)
+        saved = th.load(path, weights_only=True, map_location=device)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         plateau.load_state_dict(saved["plateau"])
-        th.set_rng_state(saved["torch_rng"])
+        th.set_rng_state(saved["torch_rng"].cpu())
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            th.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
         run, state = saved["run"], saved["state"]
     per_epoch = args["batches_per_epoch"]
     running: list[float] = []
@@ -277,6 +289,7 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
             "optimizer": opt.state_dict(),
             "plateau": plateau.state_dict(),
             "torch_rng": th.get_rng_state(),
+            "cuda_rng": th.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "run": run,
             "state": state,
         }
@@ -287,6 +300,7 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
     while run["step"] < args["steps"]:
         rng = np.random.default_rng([seed, run["epoch"]])
         x, y = copying_data(args["train_len"], 300, 64, rng)
+        x, y = x.to(device), y.to(device)
         picks = rng.integers(0, 300, per_epoch)
         if run["batch"] == 0:
             state, run["epoch_loss"] = None, 0.0
@@ -301,8 +315,9 @@ def train_one(name: str, seed: int, args: dict[str, Any], out: str) -> dict[str,
             state = detach(new_state)
             run["step"] += 1
             run["batch"] += 1
-            running.append(float(loss))
-            run["epoch_loss"] += float(loss)
+            value = float(loss.detach())  # one host read per step
+            running.append(value)
+            run["epoch_loss"] += value
             if run["step"] % args["log_every"] == 0:
                 run["curve"].append([run["step"], float(np.mean(running)), opt.param_groups[0]["lr"]])
                 running = []
@@ -351,8 +366,16 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time on a local Ray")
     parser.add_argument("--address", help="a Ray cluster (auto or HOST:PORT)")
     parser.add_argument("--quick", action="store_true", help="every model for 20 steps (about 2 minutes)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the RIM rows' unrolls as CUDA graphs")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    try:
+        device = th.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device: use cpu or cuda")
+    if device.type == "cuda" and not th.cuda.is_available():
+        parser.error(f"--device {args.device} needs a CUDA GPU and none is visible: use --device cpu")
     models = args.models.split(",")
     for name in models:
         if name not in MODELS:
@@ -376,6 +399,8 @@ def main() -> None:
         "checkpoint_every": args.checkpoint_every,
         "log_every": max(1, min(100, steps // 10)),
         "eval_every": max(1, min(1000, steps // 4)),
+        "device": str(device),
+        "cuda_graphs": args.cuda_graphs,
     }
     out = Path(args.out) / ("quick" if args.quick else "")
     jobs = [(m, s) for s in seeds for m in models]

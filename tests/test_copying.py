@@ -66,3 +66,35 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     assert resumed["steps"] == straight["steps"] == 4
     assert resumed["curve"] == straight["curve"]
     assert resumed["final"] == straight["final"]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "needs a CUDA GPU and none is visible"), ("tpu9", "is not a device")],
+)
+def test_a_device_it_cannot_use_is_refused_in_one_line(device: str, message: str, tmp_path: Path) -> None:
+    import subprocess
+
+    if device == "cuda" and th.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    script = Path(copying.__file__)
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--models", "lstm-300", "--device", device, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and message in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_device_setting_reaches_the_run(tmp_path: Path) -> None:
+    settings = {
+        "steps": 1, "train_len": 5, "test_lens": [], "lr": 1e-3, "clip": 1.0, "plateau": False,
+        "reset_state": False, "batches_per_epoch": 2, "eval_batches": 1, "checkpoint_every": 1,
+        "log_every": 1, "eval_every": 1, "device": "cpu", "cuda_graphs": True,
+    }  # fmt: skip
+    result = copying.train_one("rims-6-4", 0, settings, str(tmp_path))
+    assert result["steps"] == 1 and set(result["final"]) == {"5"}
+    saved = th.load(tmp_path / "runs" / "rims-6-4_s0.pt", weights_only=True)
+    assert saved["cuda_rng"] is None and all(t.device.type == "cpu" for t in saved["model"].values())
