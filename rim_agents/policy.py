@@ -68,6 +68,11 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         map for the actor, one for the critic core) and the heads read ``[o, tokens . q / sqrt(E)]``:
         ``N`` scores more. The core reads the features without the tokens. Needs a critic core
         (``enable_critic_lstm``) or ``shared_lstm``.
+    :param critic_shares_core: the critic reads the actor's core (and read-out) *with* gradient,
+        so the value loss trains them too (A3C's and IMPALA's shared torso; sb3-contrib's
+        ``shared_lstm`` reads it without gradient). Implemented as ``enable_critic_lstm`` with
+        ``lstm_critic`` the actor's own module: the critic's state runs alongside, always equal to
+        the actor's. Refused with ``shared_lstm``.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -87,6 +92,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         normalize_observations: bool = False,
         forget_bias: float = 0.0,
         token_readout: bool = False,
+        critic_shares_core: bool = False,
         **kwargs: Any,
     ) -> None:
         if core not in CORES:
@@ -111,6 +117,14 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         if core == "none":
             # The critic gets its own (identity) core: it reads the features with gradient.
             shared_lstm, enable_critic_lstm = False, True
+        self.critic_shares_core = critic_shares_core
+        if critic_shares_core:
+            if shared_lstm:
+                raise ValueError(
+                    "critic_shares_core and shared_lstm are alternatives (with and without the value loss's "
+                    "gradient): set one"
+                )
+            enable_critic_lstm = True
         self.token_readout = token_readout
         self.readout_shape: tuple[int, int] | None = None  # set with the heads, from the extractor
         if token_readout:
@@ -155,6 +169,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         )
         self.readout_actor: nn.Linear | None = None
         self.readout_critic: nn.Linear | None = None
+        rebuilt = core != "lstm" or self.readout_shape is not None or critic_shares_core
         if core != "lstm" or self.readout_shape is not None:
             build = {**lstm_kwargs, **self.core_kwargs} if core in ("gru", "lstm") else self.core_kwargs
             input_size = self.core_input_shape[-1]
@@ -167,15 +182,19 @@ class RIMPolicy(RecurrentActorCriticPolicy):
                 self.readout_actor = nn.Linear(core_width, self.readout_shape[1])
                 if self.lstm_critic is not None:
                     self.readout_critic = nn.Linear(core_width, self.readout_shape[1])
+        if critic_shares_core:  # one module under two names: parameters() lists it once
+            self.lstm_critic = self.lstm_actor
+            self.readout_critic = self.readout_actor
+        if rebuilt:
             self.to(self.device)
             # The base class built its optimizer over the nn.LSTM we just replaced.
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
         self.forget_bias = forget_bias
-        for module in (self.lstm_actor, self.lstm_critic):
-            if module is not None:
-                add_forget_bias(module, forget_bias)
+        cores = {id(m): m for m in (self.lstm_actor, self.lstm_critic) if m is not None}  # a shared core once
+        for module in cores.values():
+            add_forget_bias(module, forget_bias)
 
     @property
     def readout_width(self) -> int:
@@ -210,6 +229,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             normalize_observations=self.normalize_observations,
             forget_bias=self.forget_bias,
             token_readout=self.token_readout,
+            critic_shares_core=self.critic_shares_core,
         )
         if self.token_readout:  # the policy asks its extractor for the tokens itself
             data["features_extractor_kwargs"] = {
@@ -234,7 +254,8 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     def rim_cores(self) -> list[RIMCore]:
         """The RIM cores of this policy (actor first), empty for other cores."""
         cores: list[nn.Module | None] = [self.lstm_actor, self.lstm_critic]
-        return [m for m in cores if isinstance(m, RIMCore)]
+        unique = {id(m): m for m in cores if isinstance(m, RIMCore)}  # one, when the critic shares it
+        return list(unique.values())
 
     def _process_sequence(  # type: ignore[override]
         self,

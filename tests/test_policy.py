@@ -680,3 +680,39 @@ def test_minigrid_tokens_are_per_cell_and_feed_the_rim_attention() -> None:
     assert rims.policy.core_input_shape == (49, 64) and lstm.policy.core_input_shape == (49 * 64,)
     assert lstm.policy.lstm_actor.input_size == 49 * 64
     rims.learn(32)
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "gru"])
+def test_critic_sharing_the_core_trains_it_with_the_value_loss(core: str) -> None:
+    """With ``critic_shares_core`` the critic's core and read-out are the actor's modules, the
+    value's gradient reaches them (sb3-contrib's ``shared_lstm`` detaches it), the optimizer holds
+    each parameter once, a forget bias is added once, and the critic's state stays the actor's."""
+    kwargs = _minigrid_kwargs(core, token_readout=True, critic_shares_core=True, forget_bias=2.0)
+    model = RIMPPO(RIMPolicy, _cue_env(), n_steps=16, batch_size=32, seq_len=8, policy_kwargs=kwargs)
+    policy = model.policy
+    assert policy.lstm_critic is policy.lstm_actor and policy.readout_critic is policy.readout_actor
+    assert len(policy.rim_cores()) == (1 if core == "rims" else 0)
+    n_params = sum(1 for _ in policy.parameters())
+    assert sum(len(g["params"]) for g in policy.optimizer.param_groups) == n_params
+    bias = (
+        policy.lstm_actor.cell.bias_ih
+        if core == "rims"
+        else getattr(policy.lstm_actor, "gru", policy.lstm_actor).bias_ih_l0
+    )
+    width = bias.shape[-1] // (3 if core == "gru" else 4)
+    assert bias[..., width : 2 * width].mean().item() == pytest.approx(2.0, abs=0.2)  # not 4: added once
+    obs, _ = policy.obs_to_tensor(model.env.reset())
+    zeros = th.zeros(policy.lstm_hidden_state_shape[0], 2, policy.lstm_hidden_state_shape[2])
+    policy.zero_grad()
+    policy.predict_values(obs, (zeros, zeros), th.ones(2)).sum().backward()
+    core_grads = [p.grad for p in policy.lstm_actor.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in core_grads)
+    assert policy.readout_actor.weight.grad is not None and policy.readout_actor.weight.grad.abs().sum() > 0
+    model.learn(32)
+    states = model._last_lstm_states
+    th.testing.assert_close(states.pi[0], states.vf[0])
+    with pytest.raises(ValueError, match="alternatives"):
+        RIMPolicy(
+            model.observation_space, model.action_space, lambda _: 1e-3,
+            **_minigrid_kwargs(core, critic_shares_core=True, shared_lstm=True, enable_critic_lstm=False),
+        )  # fmt: skip
