@@ -134,10 +134,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
                 )
             extractor = kwargs.get("features_extractor_class", FlattenExtractor)
             if "readout_tokens" not in inspect.signature(extractor).parameters:
-                raise ValueError(
-                    f"token_readout needs an extractor that gives read-out tokens, not {extractor.__name__}: "
-                    "use features_extractor minigrid"
-                )
+                raise _no_readout_tokens(extractor.__name__)
             kwargs["features_extractor_kwargs"] = {
                 **(kwargs.get("features_extractor_kwargs") or {}),
                 "readout_tokens": True,
@@ -169,8 +166,8 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         )
         self.readout_actor: nn.Linear | None = None
         self.readout_critic: nn.Linear | None = None
-        rebuilt = core != "lstm" or self.readout_shape is not None or critic_shares_core
-        if core != "lstm" or self.readout_shape is not None:
+        new_cores = core != "lstm" or self.readout_shape is not None  # sb3-contrib's nn.LSTM does not fit
+        if new_cores:
             build = {**lstm_kwargs, **self.core_kwargs} if core in ("gru", "lstm") else self.core_kwargs
             input_size = self.core_input_shape[-1]
             # sb3-contrib types these as nn.LSTM; every core follows its calling convention.
@@ -185,15 +182,14 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         if critic_shares_core:  # one module under two names: parameters() lists it once
             self.lstm_critic = self.lstm_actor
             self.readout_critic = self.readout_actor
-        if rebuilt:
+        if new_cores or critic_shares_core:
             self.to(self.device)
             # The base class built its optimizer over the nn.LSTM we just replaced.
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
         self.forget_bias = forget_bias
-        cores = {id(m): m for m in (self.lstm_actor, self.lstm_critic) if m is not None}  # a shared core once
-        for module in cores.values():
+        for module in self.cores():
             add_forget_bias(module, forget_bias)
 
     @property
@@ -204,11 +200,8 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     def _build_mlp_extractor(self) -> None:
         if self.token_readout:
             self.readout_shape = getattr(self.pi_features_extractor, "readout_shape", None)
-            if self.readout_shape is None:
-                raise ValueError(
-                    f"token_readout needs an extractor that gives read-out tokens, not "
-                    f"{type(self.pi_features_extractor).__name__}: use features_extractor minigrid"
-                )
+            if self.readout_shape is None:  # e.g. the tokens' extractor inside a normalising wrapper
+                raise _no_readout_tokens(type(self.pi_features_extractor).__name__)
         if self.core_name == "none":
             # The heads read the features themselves; the state stays one unit wide.
             self.lstm_output_dim = self.features_dim - self.readout_width
@@ -251,11 +244,14 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             if isinstance(module, NormalizedObservations):
                 module.moments.update(observations)
 
+    def cores(self) -> list[nn.Module]:
+        """The actor's core and the critic's, if it has one; once when the critic shares it."""
+        cores = {id(m): m for m in (self.lstm_actor, self.lstm_critic) if m is not None}
+        return list(cores.values())
+
     def rim_cores(self) -> list[RIMCore]:
         """The RIM cores of this policy (actor first), empty for other cores."""
-        cores: list[nn.Module | None] = [self.lstm_actor, self.lstm_critic]
-        unique = {id(m): m for m in cores if isinstance(m, RIMCore)}  # one, when the critic shares it
-        return list(unique.values())
+        return [m for m in self.cores() if isinstance(m, RIMCore)]
 
     def _process_sequence(  # type: ignore[override]
         self,
@@ -282,14 +278,20 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
             out, states = unroll(lstm, x, lstm_states, starts)
             out = out.transpose(0, 1).flatten(0, 1)
-        if tokens is None or self.readout_shape is None:
+        if tokens is None:
             return out, states
         readout = self.readout_critic if lstm is self.lstm_critic else self.readout_actor
-        assert readout is not None
+        assert readout is not None and self.readout_shape is not None
         n_tokens, width = self.readout_shape
         query = readout(out)  # (M, E)
         scores = th.einsum("mne,me->mn", tokens.reshape(-1, n_tokens, width), query) / math.sqrt(width)
         return th.cat([out, scores], dim=-1), states
+
+
+def _no_readout_tokens(extractor: str) -> ValueError:
+    return ValueError(
+        f"token_readout needs an extractor that gives read-out tokens, not {extractor}: use features_extractor minigrid"
+    )
 
 
 class CnnRIMPolicy(RIMPolicy):

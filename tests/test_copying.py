@@ -98,3 +98,7 @@ def test_the_device_setting_reaches_the_run(tmp_path: Path) -> None:
     assert result["steps"] == 1 and set(result["final"]) == {"5"}
     saved = th.load(tmp_path / "runs" / "rims-6-4_s0.pt", weights_only=True)
     assert saved["cuda_rng"] is None and all(t.device.type == "cpu" for t in saved["model"].values())
+    assert copying.CopyModel("rims-6-4", 5, cuda_graphs=True).core.cell.cuda_graphs
+    if not th.cuda.is_available():  # the setting is used: a device that is not there fails
+        with pytest.raises((RuntimeError, AssertionError)):
+            copying.train_one("lstm-300", 0, {**settings, "device": "cuda"}, str(tmp_path / "cuda"))

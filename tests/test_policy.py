@@ -716,3 +716,25 @@ def test_critic_sharing_the_core_trains_it_with_the_value_loss(core: str) -> Non
             model.observation_space, model.action_space, lambda _: 1e-3,
             **_minigrid_kwargs(core, critic_shares_core=True, shared_lstm=True, enable_critic_lstm=False),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm", "none"])
+def test_training_replays_the_collected_rollout_exactly(core: str) -> None:
+    """Before any update, every minibatch of a fresh rollout (chunks restarted from their stored
+    states, episode starts inside) gives back the log-probabilities and values it was collected with."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    model = RIMPPO(RIMPolicy, _cue_env(4), n_steps=32, batch_size=64, seq_len=16, policy_kwargs=_minigrid_kwargs(core))
+    model._setup_learn(10_000, CallbackList([]))
+    callback = CallbackList([])
+    callback.init_callback(model)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    assert model.rollout_buffer.episode_starts[1:].any()  # resets inside the rollout
+    model.policy.set_training_mode(True)
+    for batch in model.rollout_buffer.get(model.batch_size):
+        with th.no_grad():
+            values, log_prob, _ = model.policy.evaluate_actions(
+                batch.observations, batch.actions.long().flatten(), batch.lstm_states, batch.episode_starts
+            )
+        th.testing.assert_close(log_prob, batch.old_log_prob, atol=1e-5, rtol=0)
+        th.testing.assert_close(values.flatten(), batch.old_values, atol=1e-5, rtol=0)
