@@ -76,6 +76,8 @@ class PolicyConfig:
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The RIM selection rules (``RIMConfig.selection``).
+SELECTIONS = ("hard", "straight_through", "sampled")
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,16 @@ class RIMConfig:
         ``s_i = sigmoid((thr - null_i) / selection_temperature)``, ``thr`` half-way between the
         k-th and (k+1)-th least null attention: the choice gets a first-order gradient (would
         waking this RIM, or putting it to sleep, have lowered the loss?), a dormant RIM's query
-        included, while its cell still gets none.
-    :param selection_temperature: width of the straight-through soft mask, in null-attention units.
+        included, while its cell still gets none. ``"sampled"``: the choice is the agent's own
+        stochastic decision. Where the policy samples its actions (collecting a rollout), the ``k``
+        RIMs are drawn without replacement, each draw with probability
+        ``softmax(-null / selection_temperature)`` over the RIMs not drawn yet (Plackett-Luce, by
+        Gumbel top-k); the draw's log-probability joins the action's, and the rollout stores the
+        draw so that PPO's update replays it and its ratio covers it: the choice is trained by the
+        policy gradient, like an action (hard attention trained by REINFORCE, as in Mnih et al.
+        2014). Where actions are deterministic (evaluation), the top-k: the paper's rule.
+    :param selection_temperature: width of the straight-through soft mask, in null-attention units;
+        with ``selection="sampled"``, the temperature of the draw's softmax.
     :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
         in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
         anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
@@ -160,7 +170,7 @@ class RIMConfig:
     input_dropout: float = 0.0  # the paper: 0.1 (supervised); 0 for PPO, whose ratio needs one network
     comm_dropout: float = 0.0
     mask_output: bool = False
-    selection: str = "hard"  # hard (the paper's top-k) | straight_through (the choice gets a gradient)
+    selection: str = "hard"  # hard (the paper's top-k) | straight_through | sampled (see above)
     selection_temperature: float = 0.05  # width of the straight-through soft mask
     selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
@@ -194,8 +204,8 @@ class RIMConfig:
         for name in ("input_dropout", "comm_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RIM setting {name}={getattr(self, name)!r} is invalid: it must lie in [0, 1)")
-        if self.selection not in ("hard", "straight_through"):
-            raise ValueError(f"RIM setting selection={self.selection!r} is invalid: use one of hard, straight_through")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"RIM setting selection={self.selection!r} is invalid: use one of {', '.join(SELECTIONS)}")
         if not self.selection_temperature > 0:
             raise ValueError(
                 f"RIM setting selection_temperature={self.selection_temperature!r} is invalid: it must be > 0"

@@ -17,7 +17,13 @@ sb3-contrib's. Differences:
 - ``token_readout``: the heads also read one score per token of the extractor (MiniGrid: per
   cell), the token's match with a query computed from the core's output, so a target the core
   remembers can be matched against what is seen by a dot product instead of by the heads' MLP;
-- the constructor parameters include the core's, so ``policy.save`` / ``load`` round-trips.
+- the constructor parameters include the core's, so ``policy.save`` / ``load`` round-trips;
+- with ``selection="sampled"`` RIMs, the actor's choice of active RIMs is part of the action:
+  :meth:`forward` (collecting) draws it, adds its log-probability to the action's and keeps it
+  for the rollout buffer (:meth:`pop_selection`); :meth:`evaluate_actions` replays the stored
+  draw (``lstm_states.selection``, from ``RIMPPO``'s sampler) and adds its log-probability under
+  the current parameters, so PPO's ratio and clipping cover the choice. Elsewhere (evaluation,
+  ``predict``) the actor takes the top-k, and the critic's core always does.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
@@ -38,7 +45,7 @@ from torch import nn
 from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, add_forget_bias, build_core, core_hidden_size, unroll
 from rim_agents.normalization import NormalizedObservations
-from rim_agents.rim import RIMCore
+from rim_agents.rim import RIMCore, SelectionRequest
 
 
 class RIMPolicy(RecurrentActorCriticPolicy):
@@ -114,6 +121,11 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         lstm_kwargs = dict(lstm_kwargs or {})
         if core == "lstm":
             lstm_kwargs.update(self.core_kwargs)
+        if core == "rims" and self.core_kwargs["selection"] == "sampled" and critic_shares_core:
+            raise ValueError(
+                "selection='sampled' cannot go with critic_shares_core: the critic would unroll the shared core "
+                "with another choice of RIMs than the actor's; give the critic its own core"
+            )
         if core == "none":
             # The critic gets its own (identity) core: it reads the features with gradient.
             shared_lstm, enable_critic_lstm = False, True
@@ -252,6 +264,58 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     def rim_cores(self) -> list[RIMCore]:
         """The RIM cores of this policy (actor first), empty for other cores."""
         return [m for m in self.cores() if isinstance(m, RIMCore)]
+
+    def sampled_core(self) -> RIMCore | None:
+        """The actor's core if its choice of RIMs is sampled (``selection="sampled"``), else None."""
+        core = self.lstm_actor
+        return core if isinstance(core, RIMCore) and core.cell.selection == "sampled" else None
+
+    def forward(  # type: ignore[override]
+        self, obs: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor, deterministic: bool = False
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, RNNStates]:
+        """sb3-contrib's ``forward``; a sampled core's choice is drawn (or the top-k with
+        ``deterministic``), its log-probability added to the action's and the draw kept for
+        :meth:`pop_selection`."""
+        core = self.sampled_core()
+        if core is None:
+            return super().forward(obs, lstm_states, episode_starts, deterministic)
+        core.selection_request = SelectionRequest(sample=not deterministic)
+        actions, values, log_prob, states = super().forward(obs, lstm_states, episode_starts, deterministic)
+        selection = core.last_selection
+        assert selection is not None
+        self._last_selection: th.Tensor | None = selection.order[0]  # (n_envs, K): one step
+        return actions, values, log_prob + selection.log_prob[0], states
+
+    def pop_selection(self) -> np.ndarray:
+        """The sampled core's choice at the last :meth:`forward` ``(n_envs, K)``, the active RIMs
+        in draw order padded with -1, for the rollout buffer; cleared once read."""
+        selection: th.Tensor | None = getattr(self, "_last_selection", None)
+        if selection is None:
+            raise RuntimeError("no sampled selection to store: call forward() before adding to the rollout buffer")
+        self._last_selection = None
+        return selection.cpu().numpy()
+
+    def evaluate_actions(  # type: ignore[override]
+        self, obs: th.Tensor, actions: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """sb3-contrib's ``evaluate_actions``; a sampled core replays the stored choices
+        (``lstm_states.selection``, ``(n_seq * T, K)`` sequence-major) and their log-probability
+        joins the action's."""
+        core = self.sampled_core()
+        if core is None:
+            return super().evaluate_actions(obs, actions, lstm_states, episode_starts)
+        given = getattr(lstm_states, "selection", None)
+        if given is None:
+            raise ValueError(
+                "selection='sampled' needs the rollout's stored choices of RIMs: train with RIMPPO and an "
+                "integer seq_len (its chunk sampler stores them)"
+            )
+        n_seq = lstm_states.pi[0].shape[1]
+        core.selection_request = SelectionRequest(given=given.reshape(n_seq, -1, given.shape[-1]).transpose(0, 1))
+        values, log_prob, entropy = super().evaluate_actions(obs, actions, lstm_states, episode_starts)
+        selection = core.last_selection
+        assert selection is not None
+        return values, log_prob + selection.log_prob.transpose(0, 1).reshape(-1), entropy
 
     def _process_sequence(  # type: ignore[override]
         self,

@@ -8,7 +8,9 @@ per-step loop. Our cores take episode starts *inside* a sequence (see
 - each env's rollout of ``n_steps`` is cut into chunks of ``seq_len`` steps;
 - a minibatch is ``batch_size / seq_len`` chunks drawn in random order, each starting from the
   core state stored during the rollout, with episode starts passed to the core where they fall;
-- no padding, so the CNN sees exactly ``batch_size`` observations and the loss mask is all ones.
+- no padding, so the CNN sees exactly ``batch_size`` observations and the loss mask is all ones;
+- with a ``selection="sampled"`` RIM core, each step's drawn choice of RIMs is stored beside the
+  action and handed back with its chunk (``lstm_states.selection``) for the policy to replay.
 
 ``seq_len=None`` keeps sb3-contrib's sampler.
 """
@@ -16,7 +18,7 @@ per-step loop. Our cores take episode starts *inside* a sequence (see
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,15 +43,41 @@ _STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell
 _FLAT_ARRAYS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts", *_STATE_ARRAYS)
 
 
+class SelectionStates(RNNStates):
+    """``RNNStates`` carrying the stored choices of RIMs of a minibatch: ``selection``
+    ``(n_seq * T, K)``, sequence-major (see ``RIMPolicy.evaluate_actions``)."""
+
+    selection: th.Tensor | None = None
+
+
 class _ChunkSampler:
-    """Mixin for sb3-contrib's recurrent rollout buffers: fixed-length chunks, no padding."""
+    """Mixin for sb3-contrib's recurrent rollout buffers: fixed-length chunks, no padding.
+
+    With ``selection_source`` (a sampled RIM core's ``RIMPolicy.pop_selection``), every ``add``
+    also stores the choice of RIMs the policy just drew, ``selection_width`` (K) entries.
+    """
 
     seq_len: int
     buffer_size: int
     n_envs: int
+    pos: int
     generator_ready: bool
     full: bool
     observations: Any
+    selection_source: Callable[[], np.ndarray] | None = None
+    selection_width: int = 0
+    selections: np.ndarray | None = None
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        if self.selection_source is not None:
+            self.selections = np.full((self.buffer_size, self.n_envs, self.selection_width), -1, dtype=np.int64)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        if self.selection_source is not None:
+            assert self.selections is not None
+            self.selections[self.pos] = self.selection_source()
+        super().add(*args, **kwargs)  # type: ignore[misc]
 
     def _prepare(self) -> None:
         # (n_steps, n_layers, n_envs, dim) -> (n_steps, n_envs, n_layers, dim), then every array
@@ -58,6 +86,8 @@ class _ChunkSampler:
             self.__dict__[name] = self.__dict__[name].swapaxes(1, 2)
         for name in _FLAT_ARRAYS:
             self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])  # type: ignore[attr-defined]
+        if self.selections is not None:
+            self.selections = self.swap_and_flatten(self.selections)  # type: ignore[attr-defined]
         if isinstance(self.observations, dict):
             for key, obs in self.observations.items():
                 self.observations[key] = self.swap_and_flatten(obs)  # type: ignore[attr-defined]
@@ -94,6 +124,11 @@ class _ChunkSampler:
             observations = to_torch(self.observations[inds])
             sample_cls = RecurrentRolloutBufferSamples
         returns = self.returns[inds].flatten()  # type: ignore[attr-defined]
+        lstm_states = SelectionStates(
+            states("hidden_states_pi", "cell_states_pi"), states("hidden_states_vf", "cell_states_vf")
+        )
+        if self.selections is not None:
+            lstm_states.selection = to_torch(self.selections[inds])
         return sample_cls(
             observations=observations,
             actions=to_torch(self.actions[inds]),  # type: ignore[attr-defined]
@@ -101,9 +136,7 @@ class _ChunkSampler:
             old_log_prob=to_torch(self.log_probs[inds].flatten()),  # type: ignore[attr-defined]
             advantages=to_torch(self.advantages[inds].flatten()),  # type: ignore[attr-defined]
             returns=to_torch(returns),
-            lstm_states=RNNStates(
-                states("hidden_states_pi", "cell_states_pi"), states("hidden_states_vf", "cell_states_vf")
-            ),
+            lstm_states=lstm_states,
             episode_starts=to_torch(self.episode_starts[inds].flatten()),  # type: ignore[attr-defined]
             mask=to_torch(np.ones_like(returns)),
         )
@@ -112,16 +145,32 @@ class _ChunkSampler:
 class ChunkedRecurrentRolloutBuffer(_ChunkSampler, RecurrentRolloutBuffer):
     """``RecurrentRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
 
-    def __init__(self, *args: Any, seq_len: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        seq_len: int,
+        selection_source: Callable[[], np.ndarray] | None = None,
+        selection_width: int = 0,
+        **kwargs: Any,
+    ) -> None:
         self.seq_len = seq_len
+        self.selection_source, self.selection_width = selection_source, selection_width
         super().__init__(*args, **kwargs)
 
 
 class ChunkedRecurrentDictRolloutBuffer(_ChunkSampler, RecurrentDictRolloutBuffer):
     """``RecurrentDictRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
 
-    def __init__(self, *args: Any, seq_len: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        seq_len: int,
+        selection_source: Callable[[], np.ndarray] | None = None,
+        selection_width: int = 0,
+        **kwargs: Any,
+    ) -> None:
         self.seq_len = seq_len
+        self.selection_source, self.selection_width = selection_source, selection_width
         super().__init__(*args, **kwargs)
 
 
@@ -245,6 +294,11 @@ class RIMPPO(RecurrentPPO):
                 "core_kwargs": dict(self.policy.core_kwargs),
             }
         if self.seq_len is None:
+            if isinstance(self.policy, RIMPolicy) and self.policy.sampled_core() is not None:
+                raise ValueError(
+                    "selection='sampled' needs RIMPPO's chunk sampler to store the choices of RIMs: set an "
+                    "integer seq_len (or 'auto')"
+                )
             return
         lstm: Any = self.policy.lstm_actor
         hidden_state_buffer_shape = (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size)
@@ -253,6 +307,8 @@ class RIMPPO(RecurrentPPO):
             if isinstance(self.observation_space, spaces.Dict)
             else ChunkedRecurrentRolloutBuffer
         )
+        policy = self.policy if isinstance(self.policy, RIMPolicy) else None
+        sampled = policy.sampled_core() if policy is not None else None
         self.rollout_buffer = buffer_cls(
             self.n_steps,
             self.observation_space,
@@ -263,4 +319,6 @@ class RIMPPO(RecurrentPPO):
             gae_lambda=self.gae_lambda,
             n_envs=self.n_envs,
             seq_len=self.seq_len,
+            selection_source=policy.pop_selection if policy is not None and sampled is not None else None,
+            selection_width=sampled.cell.num_units if sampled is not None else 0,
         )

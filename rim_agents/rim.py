@@ -12,6 +12,11 @@ The computation follows ``docs/RIM_SPEC.md`` (in the repository) step by step:
    forward pass is the hard rule's, the backward pass differentiates a soft mask around the k-th
    score), ``selection_noise`` (Gaussian noise on the scores in training mode only, as noisy top-k
    gating) and ``balance_coef`` (an auxiliary load-balancing loss, as in the Switch Transformer).
+   ``selection="sampled"`` makes the choice a stochastic decision of the agent: where asked
+   (:class:`SelectionRequest`), the k RIMs are drawn without replacement with probabilities
+   ``softmax(-null / selection_temperature)`` (Gumbel top-k) and the draw's log-probability is
+   returned, so that a policy-gradient method trains the choice as it trains actions; unasked, the
+   top-k (the distribution's mode).
 3. **Independent dynamics.** Every RIM has its own LSTM or GRU cell. All ``K`` cells run together
    as batched matrix products over the RIM axis (weights of shape ``(K, in, out)``).
 4. **Communication.** Active RIMs read from all RIMs (dormant ones with their previous state) by
@@ -42,10 +47,13 @@ from rim_agents.config import RIMConfig
 from rim_agents.cuda_graphs import UnrollGraphs
 
 CellType = Literal["lstm", "gru"]
-Selection = Literal["hard", "straight_through"]
+Selection = Literal["hard", "straight_through", "sampled"]
 State = tuple[th.Tensor, th.Tensor]
 
-__all__ = ["Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "StepOutput", "TokenInput", "VectorInput"]
+__all__ = [
+    "Activity", "DirectInput", "PreparedInput", "RIMCell", "RIMCore", "SampledSelection", "SelectionRequest",
+    "StepOutput", "TokenInput", "VectorInput", "plackett_luce_log_prob",
+]  # fmt: skip
 
 
 #: Compiled step functions, kept beside (not inside) their cells so that a cell pickles and deep-copies
@@ -70,6 +78,36 @@ class StepOutput(NamedTuple):
     mask: th.Tensor | None  # (K, B) active RIMs; None when every RIM is active
     null_attention: th.Tensor | None  # (K, B) head-averaged attention on the null token
     token_attention: th.Tensor | None  # (K, B, N) on the real tokens; None for one input vector
+    order: th.Tensor | None = None  # (k, B) the sampled (or given) active RIMs in draw order
+    log_prob: th.Tensor | None = None  # (B,) the log-probability of ``order`` (``selection="sampled"``)
+
+
+class SelectionRequest(NamedTuple):
+    """What the next unroll of a ``selection="sampled"`` core does with its choice (see
+    :attr:`RIMCore.selection_request`): draw it (``sample``), replay ``given`` orders ``(T, B, K)``
+    (long, the draw order of the active RIMs, padded with -1), or neither (the top-k, the mode)."""
+
+    sample: bool = False
+    given: th.Tensor | None = None
+
+
+class SampledSelection(NamedTuple):
+    """The choices of an unroll that sampled or replayed them (``RIMCore.last_selection``)."""
+
+    order: th.Tensor  # (T, B, K) long: the active RIMs in draw order, padded with -1
+    log_prob: th.Tensor  # (T, B): their log-probability; 0 where every RIM was active
+
+
+def plackett_luce_log_prob(logits: th.Tensor, order: th.Tensor) -> th.Tensor:
+    """Log-probability of drawing ``order`` ``(k, B)`` (indices into dim 0 of ``logits`` ``(K, B)``,
+    first draw first) without replacement, each draw with probability ``softmax(logits)`` over
+    the RIMs not drawn yet (the Plackett-Luce model; Gumbel top-k samples it exactly). ``(B,)``."""
+    log_prob = logits.gather(0, order).sum(dim=0)
+    drawn = th.zeros_like(logits, dtype=th.bool)
+    for j in range(order.shape[0]):
+        log_prob = log_prob - th.logsumexp(logits.masked_fill(drawn, float("-inf")), dim=0)
+        drawn = drawn.scatter(0, order[j : j + 1], True)
+    return log_prob
 
 
 class Activity(NamedTuple):
@@ -437,12 +475,37 @@ class RIMCell(nn.Module):
             update = update * th.sigmoid(th.baddbmm(self.comm_gate_bias, out, self.comm_gate_weight))
         return update
 
-    def step(self, inp: PreparedInput, h: th.Tensor, c: th.Tensor) -> StepOutput:
+    def _sampled_mask(
+        self, null_attention: th.Tensor, given: th.Tensor | None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``selection="sampled"``: the ``(K, B)`` mask of ``k`` RIMs drawn (or ``given`` ``(k, B)``)
+        with probabilities ``softmax(-null / T)`` without replacement, the draw order ``(k, B)``
+        and its log-probability ``(B,)``, which carries the gradient of the choice."""
+        logits = -null_attention / self.selection_temperature
+        if given is None:
+            with th.no_grad():  # Gumbel top-k: -log(E) with E ~ Exp(1) is Gumbel-distributed
+                noise = -th.empty_like(logits).exponential_().log()
+                order = th.topk(logits + noise, self.k_now, dim=0).indices
+        else:
+            order = given
+        mask = th.zeros_like(null_attention, dtype=th.bool).scatter_(0, order, True)
+        return mask, order, plackett_luce_log_prob(logits, order)
+
+    def step(
+        self,
+        inp: PreparedInput,
+        h: th.Tensor,
+        c: th.Tensor,
+        sample: bool = False,
+        given: th.Tensor | None = None,
+    ) -> StepOutput:
         """One step on the internal layout.
 
         :param inp: the step's input terms (see :meth:`prepare`).
         :param h: previous hidden state ``(K, B, d_h)``.
         :param c: previous cell state ``(K, B, d_h)`` (ignored and returned unchanged by the GRU).
+        :param sample: ``selection="sampled"``: draw the active RIMs (else the top-k unless ``given``).
+        :param given: ``selection="sampled"``: the active RIMs ``(k, B)`` in draw order, to replay.
         """
         null_att: th.Tensor | None = None
         token_att: th.Tensor | None = None
@@ -453,9 +516,12 @@ class RIMCell(nn.Module):
         else:
             gates_in = inp.gate_proj
         h_new, c_new = self._cell(gates_in, h, c)
-        mask = None
+        mask = order = log_prob = None
         if null_att is not None and self.k_now < self.num_units:
-            mask = self._top_k_mask(null_att)
+            if self.selection == "sampled" and (sample or given is not None):
+                mask, order, log_prob = self._sampled_mask(null_att, given)
+            else:
+                mask = self._top_k_mask(null_att)
         if mask is None:
             h_out = self._communicate(h_new) if self.communication else h_new
             return StepOutput(h_out, c_new, mask, null_att, token_att)
@@ -474,13 +540,13 @@ class RIMCell(nn.Module):
             h_tent = h_tent + g * (h_new - h)
             if self.cell_type == "lstm":
                 c_out = c_out + g * (c_new - c)
-        return StepOutput(h_tent, c_out, mask, null_att, token_att)
+        return StepOutput(h_tent, c_out, mask, null_att, token_att, order, log_prob)
 
     def balance_loss_on(self) -> bool:
         """Whether an unroll now adds the balance loss: a coefficient, dormant RIMs and gradients."""
         return self.balance_coef > 0 and self.k_now < self.num_units and th.is_grad_enabled()
 
-    def step_function(self) -> Callable[[PreparedInput, th.Tensor, th.Tensor], StepOutput]:
+    def step_function(self) -> Callable[..., StepOutput]:
         """:meth:`step`, compiled with ``torch.compile`` once per cell when ``compile`` is a mode."""
         if self.compile_mode == "off":
             return self.step
@@ -528,6 +594,11 @@ class RIMCore(nn.Module):
     Set ``core.track_activity = True`` to keep, after each call, ``core.last_activity``, an
     :class:`Activity` (None otherwise; nothing is computed for it then).
 
+    With ``selection="sampled"``, set ``core.selection_request`` (a :class:`SelectionRequest`)
+    before a call to draw or replay the choice; that call consumes it and leaves the choices and
+    their log-probabilities in ``core.last_selection`` (a :class:`SampledSelection`). A call
+    without a request takes the top-k.
+
     Keyword arguments are those of :class:`RIMCell`.
     """
 
@@ -540,6 +611,8 @@ class RIMCore(nn.Module):
         self.last_activity: Activity | None = None
         # Balance-loss values of the training unrolls since the trainer last read them.
         self.balance_losses: list[th.Tensor] = []
+        self.selection_request: SelectionRequest | None = None
+        self.last_selection: SampledSelection | None = None
 
     @property
     def input_size(self) -> int:
@@ -566,11 +639,15 @@ class RIMCore(nn.Module):
         :param episode_starts: ``(T, B)``, nonzero where an episode starts (state zeroed there).
         :return: ``out`` ``(T, B, K*d_h)`` and the final ``(h, c)``.
         """
-        if self.cell.cuda_graphs and x.is_cuda and not self.track_activity and not self.cell.balance_loss_on():
+        request, self.selection_request = self.selection_request, None
+        if request is not None and self.cell.selection != "sampled":
+            raise ValueError(f"a selection request needs selection='sampled', not {self.cell.selection!r}")
+        eager_only = self.track_activity or self.cell.balance_loss_on() or request is not None
+        if self.cell.cuda_graphs and x.is_cuda and not eager_only:
             graphed = self._graphed(x, state, episode_starts)
             if graphed is not None:
                 return graphed
-        out, new_state = self.run(self.cell, x, state, episode_starts, self)
+        out, new_state = self.run(self.cell, x, state, episode_starts, self, request)
         return out, new_state
 
     def _graphed(
@@ -620,8 +697,10 @@ class RIMCore(nn.Module):
         state: State | None,
         episode_starts: th.Tensor | None,
         tracker: RIMCore | None = None,
+        request: SelectionRequest | None = None,
     ) -> tuple[th.Tensor, State]:
-        """The time loop shared by :class:`RIMCore` and :meth:`RIMCell.forward`."""
+        """The time loop shared by :class:`RIMCore` and :meth:`RIMCell.forward`; the sampled
+        choices of a ``request`` go to ``tracker.last_selection``."""
         if x.dim() not in (3, 4) or x.shape[-1] != cell.input_size:
             raise ValueError(
                 f"RIM input has shape {tuple(x.shape)}: expected (T, B, {cell.input_size}) or "
@@ -665,13 +744,34 @@ class RIMCore(nn.Module):
         shares: list[th.Tensor] = []  # (K, B) input-attention shares, for the balance loss
         step_inputs: list[PreparedInput] = list(inputs.unbind())
         step = cell.step_function()
+        sample = request is not None and request.sample
+        given: list[th.Tensor | None] = [None] * T
+        if request is not None and request.given is not None:
+            if tuple(request.given.shape) != (T, B, cell.num_units):
+                raise ValueError(
+                    f"given selection has shape {tuple(request.given.shape)}: expected (T, B, K) = "
+                    f"{(T, B, cell.num_units)}"
+                )
+            if cell.k_now < cell.num_units:  # (T, B, K) -> per step (k, B), the draw order
+                given = list(request.given[..., : cell.k_now].permute(0, 2, 1).unbind(0))
+        orders: list[th.Tensor] = []
+        log_probs: list[th.Tensor] = []
         for t, step_input in enumerate(step_inputs):
             if reset_steps[t]:
                 assert keep is not None
                 h = h * keep[t]
                 if cell.cell_type == "lstm":
                     c = c * keep[t]
-            h, c, mask, null_att, token_att = step(step_input, h, c)
+            h, c, mask, null_att, token_att, order, log_prob = step(step_input, h, c, sample, given[t])
+            if request is not None:
+                if order is None:  # every RIM active: a choice with probability 1
+                    orders.append(th.full((B, cell.num_units), -1, dtype=th.long, device=h.device))
+                    log_probs.append(h.new_zeros(B))
+                else:
+                    padding = th.full((cell.num_units - order.shape[0], B), -1, dtype=th.long, device=h.device)
+                    orders.append(th.cat([order, padding]).T)
+                    assert log_prob is not None
+                    log_probs.append(log_prob)
             outs.append(h * mask.unsqueeze(-1) if cell.mask_output and mask is not None else h)
             if balance and mask is not None and null_att is not None:
                 selected.append(mask)
@@ -694,6 +794,8 @@ class RIMCore(nn.Module):
             out = AddAuxiliaryLoss.apply(out, cell.balance_coef * loss)
             if tracker is not None:
                 tracker.balance_losses.append(loss.detach())
+        if request is not None and tracker is not None:
+            tracker.last_selection = SampledSelection(th.stack(orders), th.stack(log_probs))
         if track:
             assert tracker is not None
             cell.record_communication = False

@@ -21,6 +21,7 @@ from rim_agents.config import RIMConfig
 from rim_agents.cores import FeedForwardCore, GRUCore, add_forget_bias, unroll
 from rim_agents.extractors import NatureCNNTokens
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
+from rim_agents.rim import SelectionRequest
 
 SMALL_RIMS = {"num_units": 4, "k_active": 2, "unit_size": 8, "input_key_size": 8, "comm_heads": 2, "comm_key_size": 4}
 CRITIC_OPTIONS = {
@@ -718,13 +719,17 @@ def test_critic_sharing_the_core_trains_it_with_the_value_loss(core: str) -> Non
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("core", ["rims", "lstm", "none"])
+@pytest.mark.parametrize("core", ["rims", "lstm", "none", "rims-sampled"])
 def test_training_replays_the_collected_rollout_exactly(core: str) -> None:
     """Before any update, every minibatch of a fresh rollout (chunks restarted from their stored
-    states, episode starts inside) gives back the log-probabilities and values it was collected with."""
+    states, episode starts inside) gives back the log-probabilities and values it was collected with.
+    ``rims-sampled``: the log-probabilities include the drawn choice of RIMs, replayed from the buffer."""
     from stable_baselines3.common.callbacks import CallbackList
 
-    model = RIMPPO(RIMPolicy, _cue_env(4), n_steps=32, batch_size=64, seq_len=16, policy_kwargs=_minigrid_kwargs(core))
+    kwargs = _minigrid_kwargs(core.removesuffix("-sampled"))
+    if core == "rims-sampled":
+        kwargs["core_kwargs"] = {**SMALL_RIMS, "selection": "sampled"}
+    model = RIMPPO(RIMPolicy, _cue_env(4), n_steps=32, batch_size=64, seq_len=16, policy_kwargs=kwargs, seed=0)
     model._setup_learn(10_000, CallbackList([]))
     callback = CallbackList([])
     callback.init_callback(model)
@@ -738,3 +743,61 @@ def test_training_replays_the_collected_rollout_exactly(core: str) -> None:
             )
         th.testing.assert_close(log_prob, batch.old_log_prob, atol=1e-5, rtol=0)
         th.testing.assert_close(values.flatten(), batch.old_values, atol=1e-5, rtol=0)
+
+
+def test_sampled_selection_is_part_of_the_action() -> None:
+    """Collecting draws the choice of RIMs and stores it (k distinct RIMs per step, -1 padded); the
+    stored log-probability is the action's plus the draw's; evaluation takes the top-k."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    kwargs = _minigrid_kwargs("rims", core_kwargs={**SMALL_RIMS, "selection": "sampled"})
+    model = RIMPPO(RIMPolicy, _cue_env(4), n_steps=16, batch_size=32, seq_len=8, policy_kwargs=kwargs, seed=3)
+    model._setup_learn(10_000, CallbackList([]))
+    callback = CallbackList([])
+    callback.init_callback(model)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    buffer = model.rollout_buffer
+    selections = buffer.selections  # (n_steps, n_envs, K)
+    assert selections.shape == (16, 4, 4) and (selections[..., 2:] == -1).all()
+    assert all(len(set(row)) == 2 and min(row) >= 0 for row in selections[..., :2].reshape(-1, 2).tolist())
+    policy = model.policy
+    core = policy.sampled_core()
+    assert core is policy.lstm_actor and policy.lstm_critic.selection_request is None
+    # The stored log-probability of step 0 is the action's plus the draw's.
+    obs = {key: th.as_tensor(value[0]) for key, value in buffer.observations.items()}
+    zeros = th.zeros(1, 4, policy.lstm_actor.hidden_size)
+    states = RNNStates((zeros, zeros), (zeros, zeros))
+    starts = th.ones(4)
+    with th.no_grad():
+        core.selection_request = SelectionRequest(given=th.as_tensor(selections[:1]))
+        dist, _ = policy.get_distribution(obs, states.pi, starts)
+        action_lp = dist.log_prob(th.as_tensor(buffer.actions[0]).long().flatten())
+    draw_lp = core.last_selection.log_prob[0]
+    assert (draw_lp < 0).all()
+    th.testing.assert_close(th.as_tensor(buffer.log_probs[0]), action_lp + draw_lp, atol=1e-5, rtol=0)
+    # Without a request (evaluation, predict) the actor takes the top-k: no draw is recorded.
+    core.last_selection = None
+    with th.no_grad():
+        policy.get_distribution(obs, states.pi, starts)
+    assert core.last_selection is None
+
+
+def test_sampled_selection_refuses_what_cannot_replay_it() -> None:
+    sampled = {"core_kwargs": {**SMALL_RIMS, "selection": "sampled"}}
+    with pytest.raises(ValueError, match="selection='sampled' cannot go with critic_shares_core"):
+        RIMPPO(
+            RIMPolicy,
+            _cue_env(2),
+            n_steps=16,
+            batch_size=32,
+            policy_kwargs=_minigrid_kwargs("rims", critic_shares_core=True, **sampled),
+        )
+    with pytest.raises(ValueError, match="needs RIMPPO's chunk sampler"):
+        RIMPPO(
+            RIMPolicy,
+            _cue_env(2),
+            n_steps=16,
+            batch_size=32,
+            seq_len=None,
+            policy_kwargs=_minigrid_kwargs("rims", **sampled),
+        )

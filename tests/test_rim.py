@@ -35,8 +35,11 @@ def random_state(core: RIMCore, batch: int, seed: int = 1) -> tuple[th.Tensor, t
 # ---------------------------------------------------------------------------------------------
 # A deliberately naive transcription of docs/RIM_SPEC.md, one batch element and one RIM at a time.
 # ---------------------------------------------------------------------------------------------
-def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-    """One step for one element. ``x``: ``(N, d_in)``; ``h``, ``c``: ``(K, d_h)``.
+def reference_step(
+    core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor, given: th.Tensor | None = None
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """One step for one element. ``x``: ``(N, d_in)``; ``h``, ``c``: ``(K, d_h)``; ``given``: the
+    active mask ``(K,)`` to use instead of the top-k (a sampled selection's draw).
 
     Returns the new ``h``, ``c`` and the active mask ``(K,)``.
     """
@@ -62,6 +65,8 @@ def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> t
         order = th.argsort(th.stack(null_att))
         active = th.zeros(K, dtype=th.bool)
         active[order[:k]] = True
+        if given is not None:
+            active = given
     else:
         reads = [x.mean(0)] * K
         active = th.ones(K, dtype=th.bool)
@@ -106,8 +111,11 @@ def reference_step(core: RIMCore, x: th.Tensor, h: th.Tensor, c: th.Tensor) -> t
     return h_t, c_t, active
 
 
-def reference_unroll(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-    """``x``: ``(T, B, d_in)`` or ``(T, B, N, d_in)``. Returns outputs ``(T, B, K*d_h)`` and masks."""
+def reference_unroll(
+    core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor], given: th.Tensor | None = None
+) -> tuple[th.Tensor, th.Tensor]:
+    """``x``: ``(T, B, d_in)`` or ``(T, B, N, d_in)``; ``given``: active masks ``(T, B, K)`` to use
+    instead of the top-k. Returns outputs ``(T, B, K*d_h)`` and masks."""
     K, d_h = core.cell.num_units, core.cell.unit_size
     T, B = x.shape[:2]
     outs = th.zeros(T, B, K * d_h)
@@ -117,7 +125,7 @@ def reference_unroll(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Ten
         c = state[1][0, b].view(K, d_h)
         for t in range(T):
             xt = x[t, b] if x.dim() == 4 else x[t, b].unsqueeze(0)
-            h, c, masks[t, b] = reference_step(core, xt, h, c)
+            h, c, masks[t, b] = reference_step(core, xt, h, c, None if given is None else given[t, b])
             outs[t, b] = h.reshape(-1)
     return outs, masks
 
@@ -494,6 +502,7 @@ SELECTION_OPTIONS = [
     {"selection": "straight_through"},
     {"balance_coef": 0.5},
     {"selection": "straight_through", "balance_coef": 0.5, "selection_temperature": 0.2},
+    {"selection": "sampled"},  # asked for no draw: the top-k, the draw's mode
 ]
 
 
@@ -612,7 +621,7 @@ def test_balance_loss_value_and_gradient() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"selection": "soft"}, "selection='soft'"),
+        ({"selection": "soft"}, "selection='soft' is invalid: use one of hard, straight_through, sampled"),
         ({"selection_temperature": 0.0}, "selection_temperature"),
         ({"selection_noise": -1.0}, "selection_noise"),
         ({"balance_coef": -0.1}, "balance_coef"),
@@ -668,3 +677,103 @@ def test_one_set_of_rim_settings() -> None:
         RIMConfig(k_active=9)
     with pytest.raises(TypeError, match=r"unknown RIM settings \['bogus'\]"):
         make_core(bogus=1)
+
+
+# ------------------------------------------------------------------------- sampled selection
+def _naive_plackett_luce(logits: list[float], order: list[int]) -> float:
+    """The probability of drawing ``order`` without replacement, each draw by softmax over the rest."""
+    p, left = 1.0, list(range(len(logits)))
+    for i in order:
+        p *= math.exp(logits[i]) / sum(math.exp(logits[j]) for j in left)
+        left.remove(i)
+    return p
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["vector", "tokens"])
+def test_sampled_selection_draws_k_and_matches_the_reference(cell: str, tokens: bool) -> None:
+    """A drawn choice activates exactly k distinct RIMs per step and element, the unroll is the naive
+    reference's with those RIMs active (dormant ones kept bit for bit there too), and the draw's
+    log-probability is the Plackett-Luce probability of its order under softmax(-null / T)."""
+    from rim_agents.rim import SelectionRequest
+
+    core = make_core(cell=cell, k_active=2, selection="sampled", selection_temperature=0.1, **NO_DROPOUT)
+    core.track_activity = True
+    th.manual_seed(7)
+    x = th.randn(6, 3, 4, D_IN) if tokens else th.randn(6, 3, D_IN)
+    state = random_state(core, 3)
+    core.selection_request = SelectionRequest(sample=True)
+    with th.no_grad():
+        out, _ = core(x, state)
+    assert core.selection_request is None  # consumed by the call
+    order, log_prob = core.last_selection
+    K, k = 5, 2
+    assert order.shape == (6, 3, K) and (order[..., k:] == -1).all()
+    drawn = th.zeros(6, 3, K, dtype=th.bool).scatter_(2, order[..., :k], True)
+    assert (drawn.sum(-1) == k).all()  # k distinct RIMs
+    assert th.equal(core.last_activity.mask, drawn)
+    top_k = make_core(cell=cell, k_active=2, **NO_DROPOUT)
+    top_k.track_activity = True
+    top_k(x, state)
+    assert not th.equal(top_k.last_activity.mask, drawn)  # a draw, not the top-k
+    with th.no_grad():
+        ref_out, _ = reference_unroll(core, x, state, given=drawn)
+    th.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    null = core.last_activity.input_attention[..., 0]  # (T, B, K)
+    for t in range(6):
+        for b in range(3):
+            logits = (-null[t, b] / 0.1).tolist()
+            expected = _naive_plackett_luce(logits, order[t, b, :k].tolist())
+            assert math.isclose(log_prob[t, b].exp().item(), expected, rel_tol=1e-4)
+
+
+def test_a_replayed_draw_gives_the_same_unroll_and_trains_the_choice() -> None:
+    from rim_agents.rim import SelectionRequest
+
+    core = make_core(k_active=2, selection="sampled", **NO_DROPOUT)
+    x = th.randn(8, 4, D_IN)
+    state = random_state(core, 4)
+    core.selection_request = SelectionRequest(sample=True)
+    with th.no_grad():
+        out, (h, c) = core(x, state)
+    drawn = core.last_selection
+    core.selection_request = SelectionRequest(given=drawn.order)
+    out2, (h2, c2) = core(x, state)
+    assert th.equal(out2, out) and th.equal(h2, h) and th.equal(c2, c)
+    assert th.equal(core.last_selection.order, drawn.order)
+    th.testing.assert_close(core.last_selection.log_prob.detach(), drawn.log_prob, atol=0, rtol=0)
+    # The policy gradient of the draw reaches every RIM's query, dormant ones included.
+    core.last_selection.log_prob.sum().backward()
+    assert all(th.count_nonzero(g) > 0 for g in core.cell.input_query.grad)
+    # A request is refused by a core that does not sample, and a wrongly shaped draw is refused.
+    with pytest.raises(ValueError, match="selection='sampled'"):
+        hard = make_core(k_active=2)
+        hard.selection_request = SelectionRequest(sample=True)
+        hard(x, state)
+    core.selection_request = SelectionRequest(given=drawn.order[:, :2])
+    with pytest.raises(ValueError, match=r"given selection has shape \(8, 2, 5\)"):
+        core(x, state)
+
+
+def test_draws_follow_the_plackett_luce_probabilities() -> None:
+    """Gumbel top-k draws each ordered choice as often as its Plackett-Luce probability says."""
+    import itertools
+
+    from rim_agents.rim import plackett_luce_log_prob
+
+    cell = make_core(num_units=3, k_active=2, selection="sampled", selection_temperature=0.1).cell
+    null = th.tensor([0.40, 0.45, 0.55]).unsqueeze(1).expand(3, 40_000).contiguous()
+    th.manual_seed(0)
+    mask, order, log_prob = cell._sampled_mask(null, None)
+    assert (mask.sum(0) == 2).all()
+    th.testing.assert_close(log_prob, plackett_luce_log_prob(null / -0.1, order))
+    logits = (-null[:, 0] / 0.1).tolist()
+    total = 0.0
+    for pair in itertools.permutations(range(3), 2):
+        p = _naive_plackett_luce(logits, list(pair))
+        total += p
+        hits = ((order[0] == pair[0]) & (order[1] == pair[1])).float().mean().item()
+        assert abs(hits - p) < 0.01, (pair, hits, p)  # 40k draws: standard error < 0.0025
+        one = plackett_luce_log_prob(null[:, :1] / -0.1, th.tensor(pair).view(2, 1)).exp().item()
+        assert math.isclose(one, p, rel_tol=1e-5)
+    assert math.isclose(total, 1.0, rel_tol=1e-6)
