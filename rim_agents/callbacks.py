@@ -134,6 +134,8 @@ class AnnealK(BaseCallback):
             core.cell.set_progress(self.num_timesteps / self.total_timesteps)
         if cores:
             self.logger.record("rims/k", cores[0].cell.k_now)
+            if cores[0].cell.anneal == "leak":
+                self.logger.record("rims/leak", cores[0].cell.leak_now)
 
     def _on_step(self) -> bool:
         return True

@@ -138,6 +138,12 @@ class RIMConfig:
         top-k starts to put some to sleep. The trainer reports progress with :meth:`set_progress`
         (PPO: at every rollout start, so that collecting and training use the same ``k``); 0, the
         default, and any use without progress reports, is the paper's fixed ``k_active``.
+    :param anneal: what ``k_anneal`` anneals. ``"count"`` (default): the number of active RIMs, as
+        above, one RIM at a time. ``"leak"``: ``k_active`` RIMs are chosen from the start, and a
+        dormant RIM takes a fraction ``leak`` of its update (its state moves ``leak`` of the way
+        to what its cell and the communication computed), ``leak`` falling linearly from 1 (every
+        RIM updates) to 0 (the paper's rule: dormant states kept bit for bit) over ``k_anneal`` of
+        training: dormancy sets in gradually instead of one RIM at a time.
     :param balance_coef: weight of the load-balancing loss ``(K / k) * sum_i f_i P_i`` over each
         unrolled sequence (Fedus et al. 2021): ``f_i`` the fraction of steps RIM ``i`` was active
         (no gradient), ``P_i`` its mean share ``a_i / sum_j a_j`` of the input attention
@@ -175,6 +181,7 @@ class RIMConfig:
     selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
     k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
+    anneal: str = "count"  # count (k falls from K) | leak (dormant RIMs' share of their update falls from 1)
     compile: str = "off"  # off | a torch.compile mode for the per-step function (default, reduce-overhead, ...)
     cuda_graphs: bool = False  # replay the whole unroll as CUDA graphs on a GPU (rim_agents.cuda_graphs)
 
@@ -212,6 +219,13 @@ class RIMConfig:
             )
         if not 0.0 <= self.k_anneal <= 1.0:
             raise ValueError(f"RIM setting k_anneal={self.k_anneal!r} is invalid: it must lie in [0, 1]")
+        if self.anneal not in ("count", "leak"):
+            raise ValueError(f"RIM setting anneal={self.anneal!r} is invalid: use count or leak")
+        if self.anneal == "leak" and self.k_anneal > 0 and (self.compile != "off" or self.cuda_graphs):
+            raise ValueError(
+                "RIM setting anneal=leak changes the step at every rollout, which compiled steps and recorded "
+                "CUDA graphs would not follow: set compile=off and cuda_graphs=false, or anneal=count"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"RIM setting compile={self.compile!r} is invalid: use one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.cuda_graphs, bool):

@@ -223,6 +223,8 @@ class RIMCell(nn.Module):
         self.k_active = c.k_active if c.input_attention else c.num_units
         self.k_anneal = float(c.k_anneal)
         self.k_now = self.k_active  # the k in force (see set_progress)
+        self.anneal = c.anneal
+        self.leak_now = 0.0  # the share of its update a dormant RIM takes (anneal="leak"; see set_progress)
         self.unit_size = c.unit_size
         self.cell_type: CellType = c.cell  # type: ignore[assignment]
         self.input_heads = c.input_heads
@@ -301,11 +303,15 @@ class RIMCell(nn.Module):
                 _uniform_(self.comm_gate_bias, d_h)
 
     def set_progress(self, fraction_done: float) -> int:
-        """Set the number of active RIMs for the annealing schedule at ``fraction_done`` of
-        training (see ``k_anneal``); returns it."""
+        """Set the annealing schedule at ``fraction_done`` of training (see ``k_anneal`` and
+        ``anneal``): the number of active RIMs, returned, or the dormant RIMs' leak."""
         K, k = self.num_units, self.k_active
         if self.k_anneal > 0:
-            self.k_now = round(K - (K - k) * min(1.0, max(0.0, fraction_done) / self.k_anneal))
+            left = 1.0 - min(1.0, max(0.0, fraction_done) / self.k_anneal)
+            if self.anneal == "leak":
+                self.leak_now = left
+            else:
+                self.k_now = round(K - (K - k) * (1.0 - left))
         return self.k_now
 
     @property
@@ -526,13 +532,19 @@ class RIMCell(nn.Module):
             h_out = self._communicate(h_new) if self.communication else h_new
             return StepOutput(h_out, c_new, mask, null_att, token_att)
         m = mask.unsqueeze(-1)
-        # Masked write. A dormant RIM's tentative state is its previous state, copied exactly.
-        h_tent = th.where(m, h_new, h)
+        leak = self.leak_now
+        # Masked write. A dormant RIM's tentative state is its previous state, copied exactly (or,
+        # while dormancy is annealed in, moved a fraction ``leak`` of the way to its new state).
+        h_tent = th.where(m, h_new, h if leak == 0 else th.lerp(h, h_new, leak))
         if self.communication:
             # h^ = h_tent + update for active RIMs; dormant RIMs add exactly zero, so their state is
             # still the previous one bit for bit, and the update gets no gradient from them.
-            h_tent = h_tent + self._comm_update(h_tent) * m
-        c_out = th.where(m, c_new, c) if self.cell_type == "lstm" else c_new
+            share = m if leak == 0 else th.where(m, 1.0, leak)
+            h_tent = h_tent + self._comm_update(h_tent) * share
+        if self.cell_type == "lstm":
+            c_out = th.where(m, c_new, c if leak == 0 else th.lerp(c, c_new, leak))
+        else:
+            c_out = c_new
         if self.selection == "straight_through" and th.is_grad_enabled():
             assert null_att is not None
             # Exactly zero forward (so the state is the hard rule's); the gradient of the choice.

@@ -777,3 +777,40 @@ def test_draws_follow_the_plackett_luce_probabilities() -> None:
         one = plackett_luce_log_prob(null[:, :1] / -0.1, th.tensor(pair).view(2, 1)).exp().item()
         assert math.isclose(one, p, rel_tol=1e-5)
     assert math.isclose(total, 1.0, rel_tol=1e-6)
+
+
+def test_leak_anneal_sets_dormancy_in_gradually() -> None:
+    """``anneal="leak"``: k RIMs are chosen from the start; a dormant RIM moves ``leak`` of the way to
+    its new state, leak falling from 1 (every RIM updates: the all-active core) to 0 (the paper's
+    rule, dormant states bit for bit)."""
+    core = make_core(k_active=2, k_anneal=0.5, anneal="leak", **NO_DROPOUT)
+    cell = core.cell
+    assert cell.leak_now == 0.0  # without progress reports: the paper's rule
+    assert [cell.set_progress(f) for f in (0.0, 0.25, 1.0)] == [2, 2, 2]  # k never changes
+    leaks = []
+    for fraction in (0.0, 0.1, 0.25, 0.5, 0.9):
+        cell.set_progress(fraction)
+        leaks.append(cell.leak_now)
+    assert leaks == pytest.approx([1.0, 0.8, 0.5, 0.0, 0.0])
+    x, state = th.randn(5, 3, D_IN), random_state(core, 3)
+    all_active = make_core(k_active=5, **NO_DROPOUT)
+    hard = make_core(k_active=2, **NO_DROPOUT)
+    cell.set_progress(0.0)
+    th.testing.assert_close(core(x, state)[0], all_active(x, state)[0], atol=1e-6, rtol=0)
+    cell.set_progress(0.7)
+    assert th.equal(core(x, state)[0], hard(x, state)[0])
+    # In between, without communication (to isolate the write): dormant h and c are interpolated.
+    quiet = make_core(k_active=2, k_anneal=0.5, anneal="leak", communication=False, **NO_DROPOUT)
+    quiet.track_activity = True
+    quiet.cell.set_progress(0.35)  # leak 0.3
+    x1 = x[:1]
+    (h, c) = quiet(x1, state)[1]
+    new_h, new_c = make_core(k_active=5, communication=False, **NO_DROPOUT)(x1, state)[1]
+    active = quiet.last_activity.mask[0].repeat_interleave(8, dim=-1)  # (B, K*d_h)
+    th.testing.assert_close(h[0], th.where(active, new_h[0], state[0][0] + 0.3 * (new_h[0] - state[0][0])))
+    th.testing.assert_close(c[0], th.where(active, new_c[0], state[1][0] + 0.3 * (new_c[0] - state[1][0])))
+    assert not active.all() and active.any()
+    with pytest.raises(ValueError, match="anneal='soft' is invalid"):
+        make_core(anneal="soft")
+    with pytest.raises(ValueError, match="anneal=leak changes the step"):
+        make_core(k_anneal=0.5, anneal="leak", compile="default")
