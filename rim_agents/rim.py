@@ -541,10 +541,9 @@ class RIMCell(nn.Module):
             # still the previous one bit for bit, and the update gets no gradient from them.
             share = m if leak == 0 else th.where(m, 1.0, leak)
             h_tent = h_tent + self._comm_update(h_tent) * share
+        c_out = c_new  # the GRU's c is unused
         if self.cell_type == "lstm":
             c_out = th.where(m, c_new, c if leak == 0 else th.lerp(c, c_new, leak))
-        else:
-            c_out = c_new
         if self.selection == "straight_through" and th.is_grad_enabled():
             assert null_att is not None
             # Exactly zero forward (so the state is the hard rule's); the gradient of the choice.
