@@ -801,3 +801,15 @@ def test_sampled_selection_refuses_what_cannot_replay_it() -> None:
             seq_len=None,
             policy_kwargs=_minigrid_kwargs("rims", **sampled),
         )
+
+
+def test_a_loaded_sampled_model_goes_on_storing_its_draws(tmp_path) -> None:
+    kwargs = _minigrid_kwargs("rims", core_kwargs={**SMALL_RIMS, "selection": "sampled"})
+    model = RIMPPO(RIMPolicy, _cue_env(2), n_steps=16, batch_size=32, seq_len=8, policy_kwargs=kwargs, seed=0)
+    model.learn(32)
+    model.save(tmp_path / "model.zip")
+    loaded = RIMPPO.load(tmp_path / "model.zip", env=_cue_env(2))
+    assert loaded.policy.sampled_core() is loaded.policy.lstm_actor
+    loaded.learn(32, reset_num_timesteps=False)
+    selections = loaded.rollout_buffer.selections  # flattened by the update: (n_envs * n_steps, K)
+    assert selections.shape == (32, 4) and (selections[:, :2] >= 0).all() and (selections[:, 2:] == -1).all()
