@@ -201,6 +201,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
         self.forget_bias = forget_bias
+        self._last_selection: th.Tensor | None = None  # a sampled core's last draw (see pop_selection)
         for module in self.cores():
             add_forget_bias(module, forget_bias)
 
@@ -283,13 +284,13 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         actions, values, log_prob, states = super().forward(obs, lstm_states, episode_starts, deterministic)
         selection = core.last_selection
         assert selection is not None
-        self._last_selection: th.Tensor | None = selection.order[0]  # (n_envs, K): one step
+        self._last_selection = selection.order[0]  # (n_envs, K): one step
         return actions, values, log_prob + selection.log_prob[0], states
 
     def pop_selection(self) -> np.ndarray:
         """The sampled core's choice at the last :meth:`forward` ``(n_envs, K)``, the active RIMs
         in draw order padded with -1, for the rollout buffer; cleared once read."""
-        selection: th.Tensor | None = getattr(self, "_last_selection", None)
+        selection = self._last_selection
         if selection is None:
             raise RuntimeError("no sampled selection to store: call forward() before adding to the rollout buffer")
         self._last_selection = None

@@ -57,16 +57,25 @@ class _ChunkSampler:
     also stores the choice of RIMs the policy just drew, ``selection_width`` (K) entries.
     """
 
-    seq_len: int
     buffer_size: int
     n_envs: int
     pos: int
     generator_ready: bool
     full: bool
     observations: Any
-    selection_source: Callable[[], np.ndarray] | None = None
-    selection_width: int = 0
     selections: np.ndarray | None = None
+
+    def __init__(
+        self,
+        *args: Any,
+        seq_len: int,
+        selection_source: Callable[[], np.ndarray] | None = None,
+        selection_width: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.seq_len = seq_len
+        self.selection_source, self.selection_width = selection_source, selection_width
+        super().__init__(*args, **kwargs)  # the buffer's own; it calls reset()
 
     def reset(self) -> None:
         super().reset()  # type: ignore[misc]
@@ -145,33 +154,9 @@ class _ChunkSampler:
 class ChunkedRecurrentRolloutBuffer(_ChunkSampler, RecurrentRolloutBuffer):
     """``RecurrentRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        seq_len: int,
-        selection_source: Callable[[], np.ndarray] | None = None,
-        selection_width: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.seq_len = seq_len
-        self.selection_source, self.selection_width = selection_source, selection_width
-        super().__init__(*args, **kwargs)
-
 
 class ChunkedRecurrentDictRolloutBuffer(_ChunkSampler, RecurrentDictRolloutBuffer):
     """``RecurrentDictRolloutBuffer`` sampling fixed-length chunks (see the module docstring)."""
-
-    def __init__(
-        self,
-        *args: Any,
-        seq_len: int,
-        selection_source: Callable[[], np.ndarray] | None = None,
-        selection_width: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.seq_len = seq_len
-        self.selection_source, self.selection_width = selection_source, selection_width
-        super().__init__(*args, **kwargs)
 
 
 class RIMPPO(RecurrentPPO):
@@ -293,8 +278,12 @@ class RIMPPO(RecurrentPPO):
                 "core": self.policy.core_name,
                 "core_kwargs": dict(self.policy.core_kwargs),
             }
+        # A sampled choice of RIMs is stored beside each action (see _ChunkSampler).
+        source, width = None, 0
+        if isinstance(self.policy, RIMPolicy) and (sampled := self.policy.sampled_core()) is not None:
+            source, width = self.policy.pop_selection, sampled.cell.num_units
         if self.seq_len is None:
-            if isinstance(self.policy, RIMPolicy) and self.policy.sampled_core() is not None:
+            if source is not None:
                 raise ValueError(
                     "selection='sampled' needs RIMPPO's chunk sampler to store the choices of RIMs: set an "
                     "integer seq_len (or 'auto')"
@@ -307,8 +296,6 @@ class RIMPPO(RecurrentPPO):
             if isinstance(self.observation_space, spaces.Dict)
             else ChunkedRecurrentRolloutBuffer
         )
-        policy = self.policy if isinstance(self.policy, RIMPolicy) else None
-        sampled = policy.sampled_core() if policy is not None else None
         self.rollout_buffer = buffer_cls(
             self.n_steps,
             self.observation_space,
@@ -319,6 +306,6 @@ class RIMPPO(RecurrentPPO):
             gae_lambda=self.gae_lambda,
             n_envs=self.n_envs,
             seq_len=self.seq_len,
-            selection_source=policy.pop_selection if policy is not None and sampled is not None else None,
-            selection_width=sampled.cell.num_units if sampled is not None else 0,
+            selection_source=source,
+            selection_width=width,
         )

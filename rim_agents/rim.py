@@ -765,7 +765,7 @@ class RIMCore(nn.Module):
                 )
             if cell.k_now < cell.num_units:  # (T, B, K) -> per step (k, B), the draw order
                 given = list(request.given[..., : cell.k_now].permute(0, 2, 1).unbind(0))
-        orders: list[th.Tensor] = []
+        orders: list[th.Tensor] = []  # (k, B) per step, for a request with dormant RIMs
         log_probs: list[th.Tensor] = []
         for t, step_input in enumerate(step_inputs):
             if reset_steps[t]:
@@ -774,15 +774,9 @@ class RIMCore(nn.Module):
                 if cell.cell_type == "lstm":
                     c = c * keep[t]
             h, c, mask, null_att, token_att, order, log_prob = step(step_input, h, c, sample, given[t])
-            if request is not None:
-                if order is None:  # every RIM active: a choice with probability 1
-                    orders.append(th.full((B, cell.num_units), -1, dtype=th.long, device=h.device))
-                    log_probs.append(h.new_zeros(B))
-                else:
-                    padding = th.full((cell.num_units - order.shape[0], B), -1, dtype=th.long, device=h.device)
-                    orders.append(th.cat([order, padding]).T)
-                    assert log_prob is not None
-                    log_probs.append(log_prob)
+            if order is not None and log_prob is not None:
+                orders.append(order)
+                log_probs.append(log_prob)
             outs.append(h * mask.unsqueeze(-1) if cell.mask_output and mask is not None else h)
             if balance and mask is not None and null_att is not None:
                 selected.append(mask)
@@ -806,7 +800,12 @@ class RIMCore(nn.Module):
             if tracker is not None:
                 tracker.balance_losses.append(loss.detach())
         if request is not None and tracker is not None:
-            tracker.last_selection = SampledSelection(th.stack(orders), th.stack(log_probs))
+            # (T, B, K) draw orders padded with -1; no draw (every RIM active) has probability 1.
+            padded = th.full((T, B, cell.num_units), -1, dtype=th.long, device=h.device)
+            if orders:
+                padded[..., : cell.k_now] = th.stack(orders).transpose(1, 2)
+            chosen = th.stack(log_probs) if log_probs else h.new_zeros(T, B)
+            tracker.last_selection = SampledSelection(padded, chosen)
         if track:
             assert tracker is not None
             cell.record_communication = False

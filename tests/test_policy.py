@@ -782,25 +782,20 @@ def test_sampled_selection_is_part_of_the_action() -> None:
     assert core.last_selection is None
 
 
-def test_sampled_selection_refuses_what_cannot_replay_it() -> None:
-    sampled = {"core_kwargs": {**SMALL_RIMS, "selection": "sampled"}}
-    with pytest.raises(ValueError, match="selection='sampled' cannot go with critic_shares_core"):
-        RIMPPO(
-            RIMPolicy,
-            _cue_env(2),
-            n_steps=16,
-            batch_size=32,
-            policy_kwargs=_minigrid_kwargs("rims", critic_shares_core=True, **sampled),
-        )
-    with pytest.raises(ValueError, match="needs RIMPPO's chunk sampler"):
-        RIMPPO(
-            RIMPolicy,
-            _cue_env(2),
-            n_steps=16,
-            batch_size=32,
-            seq_len=None,
-            policy_kwargs=_minigrid_kwargs("rims", **sampled),
-        )
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"policy_kwargs": {"critic_shares_core": True}}, "selection='sampled' cannot go with critic_shares_core"),
+        ({"seq_len": None}, "needs RIMPPO's chunk sampler"),
+    ],
+    ids=["shared-critic-core", "padded-sampler"],
+)
+def test_sampled_selection_refuses_what_cannot_replay_it(extra: dict, match: str) -> None:
+    policy_extra = extra.get("policy_kwargs", {})
+    settings = {k: v for k, v in extra.items() if k != "policy_kwargs"}
+    kwargs = _minigrid_kwargs("rims", core_kwargs={**SMALL_RIMS, "selection": "sampled"}, **policy_extra)
+    with pytest.raises(ValueError, match=match):
+        RIMPPO(RIMPolicy, _cue_env(2), n_steps=16, batch_size=32, policy_kwargs=kwargs, **settings)
 
 
 def test_a_loaded_sampled_model_goes_on_storing_its_draws(tmp_path) -> None:
