@@ -597,6 +597,7 @@ class StudyState:
             # Runs of earlier starts that this one does not plan (a narrowed spec) keep their entries.
             "runs": dict(old_runs),
         }
+        self.planned = [p.key for p in plans]
         for p in plans:
             entry = old_runs.get(p.key, {})
             self.data["runs"][p.key] = {
@@ -618,8 +619,9 @@ class StudyState:
         return self.data["runs"][key]
 
     def counts(self) -> dict[str, int]:
+        """States of the runs this start plans (earlier starts' other runs are not counted)."""
         out = {"pending": 0, "running": 0, "finished": 0, "failed": 0, "evaluated": 0}
-        for r in self.data["runs"].values():
+        for r in map(self.run, self.planned):
             out[r["state"]] += 1
             out["evaluated"] += bool(r["evaluated"])
         return out
@@ -649,7 +651,7 @@ class Progress:
             return
         self.last = time.time()
         c = self.state.counts()
-        total = len(self.state.data["runs"])
+        total = len(self.state.planned)
         remaining = c["pending"] + c["running"]
         eta = ""
         if self.walls and remaining:

@@ -251,6 +251,22 @@ def test_a_study_can_be_narrowed_to_some_envs_variants_and_seeds() -> None:
         narrow(spec_from_dict(data), envs="breakout")
 
 
+def test_a_narrowed_start_counts_and_fails_on_its_own_runs_only(tmp_path: Path) -> None:
+    from rim_agents.study import Progress, StudyState, narrow
+
+    spec = spec_from_dict(tiny_spec())
+    first = StudyState(tmp_path, spec, plan_runs(spec, tmp_path))
+    first.run("pickup/rims/s0")["state"] = "failed"  # an earlier start's run, not planned below
+    first.save()
+    narrowed = narrow(spec, variants="lstm", seeds="1")
+    state = StudyState(tmp_path, narrowed, plan_runs(narrowed, tmp_path))
+    assert len(state.data["runs"]) == 4  # every entry is kept
+    assert state.counts() == {"pending": 1, "running": 0, "finished": 0, "failed": 0, "evaluated": 0}
+    lines: list[str] = []
+    Progress(state, 1, write=lines.append).tick(force=True)
+    assert "0/1 trained, 0 running, 0 failed, 0/1 evaluated" in lines[0]
+
+
 def test_a_relative_bar_compares_with_the_named_variant_on_the_same_seed() -> None:
     bar = Bar("return", min=0.8, of="none")
     assert bar.passes(8.0, reference=10.0) and not bar.passes(7.9, reference=10.0)
