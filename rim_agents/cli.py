@@ -1,5 +1,5 @@
-"""Command-line front ends: ``train.py``, ``evaluate.py`` and ``visualize.py`` call :func:`train_main`,
-:func:`evaluate_main` and :func:`visualize_main`."""
+"""Command-line front ends: ``train.py``, ``evaluate.py``, ``visualize.py`` and ``curves.py`` call
+:func:`train_main`, :func:`evaluate_main`, :func:`visualize_main` and :func:`curves_main`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from rim_agents.runs import (
     atomic_write_text,
     latest_checkpoint,
     load_run_config,
+    progress_at,
+    study_runs,
 )
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
@@ -337,6 +339,63 @@ def _study_status(out: Path) -> int:
         if r["state"] != "finished" or r["errors"]:
             errors = f"; {len(r['errors'])} errors, last: {r['errors'][-1]}" if r["errors"] else ""
             print(f"  {r['env']}/{r['variant']}/s{r['seed']}: {r['state']}, {r['attempts']} attempts{errors}")
+    return 0
+
+
+def curves_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="curves.py",
+        description="Training curves as a Markdown table: each run's logged metric every N env steps (the "
+        "first point logged at or after each mark) and its last logged point, read from its progress CSVs.",
+    )
+    p.add_argument("targets", nargs="+", metavar="RUN_DIR_OR_STUDY")
+    p.add_argument(
+        "--metric",
+        default="success",
+        help="success (rollout/success_rate), return (rollout/ep_rew_mean) or any logged column, "
+        "e.g. rims/switch_rate (default success)",
+    )
+    p.add_argument("--every", type=int, default=100_000, help="env steps between marks (default 100000)")
+    p.add_argument("--until", type=int, help="the last mark (default: the furthest run's last logged step)")
+    return p
+
+
+def _steps_label(steps: int) -> str:
+    for size, unit in ((1_000_000, "M"), (1_000, "k")):
+        if steps >= size and steps % (size // 10) == 0:
+            return f"{steps / size:g}{unit}"
+    return str(steps)
+
+
+def curves_main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, print the table. Returns the exit code (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = curves_parser().parse_args(argv)
+        if args.every < 1 or (args.until is not None and args.until < args.every):
+            raise UsageError("--every must be positive and --until at least --every")
+        runs: list[Path] = []
+        for target in map(Path, args.targets):
+            found = study_runs(target) if (target / STUDY_FILE).is_file() else [target]
+            for run in found:
+                if not any((run / TB_DIR).glob("progress*.csv")):
+                    raise UsageError(f"{run} has no progress logs ({TB_DIR}/progress*.csv): give a run or study folder")
+            runs += found
+        lasts = {run: progress_at(run, args.metric, [])[1] for run in runs}
+        if all(last is None for last in lasts.values()):
+            raise UsageError(f"no run logged {args.metric!r}: use success, return or a column of the progress CSVs")
+        until = args.until or max(last[0] for last in lasts.values() if last is not None)
+        marks = list(range(args.every, until + 1, args.every))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("| run | " + " | ".join(map(_steps_label, marks)) + " | last (step) |")
+    print("|---" * (len(marks) + 2) + "|")
+    for run in runs:
+        values, last = progress_at(run, args.metric, marks)
+        cells = ["-" if v is None else f"{v:.2f}" for v in values]
+        cells.append("-" if last is None else f"{last[1]:.2f} ({last[0]:,})")
+        print(f"| {run} | " + " | ".join(cells) + " |")
     return 0
 
 

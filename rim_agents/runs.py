@@ -23,6 +23,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "final_model.zip"
 LOCK_FILE = ".lock"
 STUDY_FILE = "study.json"  # marks a study folder (rim_agents.study): its runs are listed there
+STUDY_RUNS_DIR = "runs"  # a study's run folders: <study>/runs/<env>/<variant>/s<seed>, named by the run's key
 _STEP_RE = re.compile(r"step_(\d+)\.zip$")
 
 
@@ -197,14 +199,36 @@ def read_progress(run_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
+METRIC_COLUMNS = {"success": "rollout/success_rate", "return": "rollout/ep_rew_mean"}
+
+
+def progress_at(
+    run_dir: Path, metric: str, marks: Sequence[int]
+) -> tuple[list[float | None], tuple[int, float] | None]:
+    """A training curve at env-step ``marks``: at each mark the first logged value at or after it
+    (None where the run has not got there), and the last logged ``(step, value)``.
+
+    :param metric: ``success``, ``return`` or any progress column (``rims/switch_rate``).
+    """
+    column = METRIC_COLUMNS.get(metric, metric)
+    points = [
+        (int(float(r["time/total_timesteps"])), float(r[column]))
+        for r in read_progress(run_dir)
+        if r.get(column) not in (None, "") and r.get("time/total_timesteps")
+    ]
+    at = [next((v for step, v in points if step >= mark), None) for mark in marks]
+    return at, points[-1] if points else None
+
+
 def study_runs(root: Path) -> list[Path]:
     """The run directories of a study folder that hold a model, in the study's order."""
     try:
-        data = json.loads((root / STUDY_FILE).read_text())
-        listed = [Path(r["run_dir"]) for r in data["runs"].values()]
+        keys = list(json.loads((root / STUDY_FILE).read_text())["runs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{root / STUDY_FILE} cannot be read ({e}): the study folder is damaged") from None
-    runs = [r if r.is_absolute() else root / r for r in listed]
+    # Found from the run's key inside the study folder, not from the recorded path: that one is as
+    # the study was started (relative to its working directory), and the folder may have moved.
+    runs = [root / STUDY_RUNS_DIR / key for key in keys]
     return [r for r in runs if newest_model(r) is not None]
 
 

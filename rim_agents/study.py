@@ -56,6 +56,7 @@ from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
     STUDY_FILE,
+    STUDY_RUNS_DIR,
     RunLock,
     atomic_write_bytes,
     atomic_write_text,
@@ -70,7 +71,6 @@ from rim_agents.stats import bootstrap_ci, iqm
 from rim_agents.training import train
 
 SPEC_FILE = "spec.yaml"
-RUNS_DIR = "runs"
 EVAL_DIR = "evaluations"
 RESULTS_DIR = "results"
 TUNE_DIR = "tune"
@@ -421,7 +421,7 @@ class RunPlan:
 
     @property
     def run_dir(self) -> Path:
-        return self.root / RUNS_DIR / self.env.name / self.variant.name / f"s{self.seed}"
+        return self.root / STUDY_RUNS_DIR / self.env.name / self.variant.name / f"s{self.seed}"
 
     @property
     def log(self) -> Path:
