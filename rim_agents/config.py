@@ -110,6 +110,12 @@ class RIMConfig:
     :param communication: if False (ablation), RIMs do not read from each other.
     :param comm_gate: if True, ``h^ = h~ + sigmoid(W_g out + b_g) * tanh(out)``; else a plain residual
         ``h^ = h~ + tanh(out)``.
+    :param comm_zero_init: if True, the communication's output map (weight and bias) starts at
+        zero, so that ``h^ = h~`` at initialisation: the residual branch starts closed and opens as
+        it learns (as residual branches are zero-initialised in Fixup, Zhang et al. 2019, and
+        ReZero, Bachlechner et al. 2020). Its weight still gets a gradient at once; the queries,
+        keys and values get theirs as it moves. Off by default (PyTorch's initialisation, where each
+        step adds an update of about the state's own size to every active RIM's state).
     :param input_dropout: dropout on the input-attention probabilities.
     :param comm_dropout: dropout on the communication-attention probabilities.
     :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).
@@ -173,6 +179,7 @@ class RIMConfig:
     input_attention: bool = True
     communication: bool = True
     comm_gate: bool = True
+    comm_zero_init: bool = False  # the communication's output map starts at zero (h^ = h~ at init)
     input_dropout: float = 0.0  # the paper: 0.1 (supervised); 0 for PPO, whose ratio needs one network
     comm_dropout: float = 0.0
     mask_output: bool = False

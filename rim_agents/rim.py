@@ -237,6 +237,7 @@ class RIMCell(nn.Module):
         self.input_attention = c.input_attention
         self.communication = c.communication
         self.comm_gate = c.comm_gate
+        self.comm_zero_init = c.comm_zero_init
         self.input_dropout = float(c.input_dropout)
         self.comm_dropout = float(c.comm_dropout)
         self.mask_output = c.mask_output
@@ -282,7 +283,8 @@ class RIMCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise every weight as PyTorch initialises the corresponding dense layer."""
+        """Initialise every weight as PyTorch initialises the corresponding dense layer (the
+        communication's output map at zero with ``comm_zero_init``)."""
         d_h = self.unit_size
         if self.input_attention:
             self.input_key.reset_parameters()
@@ -298,6 +300,10 @@ class RIMCell(nn.Module):
             fan_out_in = self.comm_heads * self.comm_value_size
             _uniform_(self.comm_out, fan_out_in)
             _uniform_(self.comm_out_bias, fan_out_in)
+            if self.comm_zero_init:
+                with th.no_grad():
+                    self.comm_out.zero_()
+                    self.comm_out_bias.zero_()
             if self.comm_gate:
                 _uniform_(self.comm_gate_weight, d_h)
                 _uniform_(self.comm_gate_bias, d_h)

@@ -362,6 +362,25 @@ def test_query_bias_leaves_the_null_score_zero() -> None:
     th.testing.assert_close(core.last_activity.input_attention[..., 0], th.full((1, 5, core.cell.num_units), 0.5))
 
 
+def test_a_zero_initialised_communication_starts_closed_and_learns() -> None:
+    """``comm_zero_init``: a fresh core computes exactly what the core without communication does
+    (sparse or not), its output map gets a gradient at once, and one step opens the branch."""
+    x = th.randn(5, 3, D_IN)
+    for k in (2, 5):
+        closed = make_core(k_active=k, comm_zero_init=True)  # every make_core starts from seed 0
+        ablated = make_core(k_active=k, communication=False)
+        default = make_core(k_active=k)
+        out = closed(x)[0]
+        assert th.equal(out, ablated(x)[0]) and not th.allclose(out, default(x)[0])
+        loss = (out * th.randn_like(out)).sum()
+        loss.backward()
+        grad = closed.cell.comm_out.grad
+        assert grad is not None and grad.abs().max() > 0
+        with th.no_grad():
+            closed.cell.comm_out -= 0.1 * grad
+        assert not th.allclose(closed(x)[0], ablated(x)[0])
+
+
 def test_initial_state_is_zero() -> None:
     core = make_core()
     h, c = core.initial_state(3)
