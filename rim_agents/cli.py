@@ -25,9 +25,10 @@ from rim_agents.runs import (
     VIDEO_DIR,
     atomic_write_bytes,
     atomic_write_text,
+    curve_at,
     latest_checkpoint,
     load_run_config,
-    progress_at,
+    progress_points,
     study_runs,
 )
 from rim_agents.shifts import __doc__ as shifts_doc
@@ -381,18 +382,18 @@ def curves_main(argv: Sequence[str] | None = None) -> int:
                 if not any((run / TB_DIR).glob("progress*.csv")):
                     raise UsageError(f"{run} has no progress logs ({TB_DIR}/progress*.csv): give a run or study folder")
             runs += found
-        lasts = {run: progress_at(run, args.metric, [])[1] for run in runs}
-        if all(last is None for last in lasts.values()):
+        curves = [(run, progress_points(run, args.metric)) for run in runs]
+        if not any(points for _, points in curves):
             raise UsageError(f"no run logged {args.metric!r}: use success, return or a column of the progress CSVs")
-        until = args.until or max(last[0] for last in lasts.values() if last is not None)
+        until = args.until or max(points[-1][0] for _, points in curves if points)
         marks = list(range(args.every, until + 1, args.every))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("| run | " + " | ".join(map(_steps_label, marks)) + " | last (step) |")
     print("|---" * (len(marks) + 2) + "|")
-    for run in runs:
-        values, last = progress_at(run, args.metric, marks)
+    for run, points in curves:
+        values, last = curve_at(points, marks)
         cells = ["-" if v is None else f"{v:.2f}" for v in values]
         cells.append("-" if last is None else f"{last[1]:.2f} ({last[0]:,})")
         print(f"| {run} | " + " | ".join(cells) + " |")

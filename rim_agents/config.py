@@ -115,7 +115,8 @@ class RIMConfig:
         it learns (as residual branches are zero-initialised in Fixup, Zhang et al. 2019, and
         ReZero, Bachlechner et al. 2020). Its weight still gets a gradient at once; the queries,
         keys and values get theirs as it moves. Off by default (PyTorch's initialisation, where each
-        step adds to every active RIM's state an update of half to three quarters of its norm).
+        step adds to every active RIM's state an update of about half its norm, 0.78 of it at the first
+        step: ``benchmarks/init_scales.py``).
     :param input_dropout: dropout on the input-attention probabilities.
     :param comm_dropout: dropout on the communication-attention probabilities.
     :param mask_output: if True, dormant RIMs are zeroed in the output (not in the state).

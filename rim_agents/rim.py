@@ -298,12 +298,11 @@ class RIMCell(nn.Module):
         if self.communication:
             _uniform_(self.comm_qkv, d_h)
             fan_out_in = self.comm_heads * self.comm_value_size
-            _uniform_(self.comm_out, fan_out_in)
-            _uniform_(self.comm_out_bias, fan_out_in)
-            if self.comm_zero_init:
-                with th.no_grad():
-                    self.comm_out.zero_()
-                    self.comm_out_bias.zero_()
+            for weight in (self.comm_out, self.comm_out_bias):
+                if self.comm_zero_init:
+                    nn.init.zeros_(weight)
+                else:
+                    _uniform_(weight, fan_out_in)
             if self.comm_gate:
                 _uniform_(self.comm_gate_weight, d_h)
                 _uniform_(self.comm_gate_bias, d_h)

@@ -202,22 +202,31 @@ def read_progress(run_dir: Path) -> list[dict[str, str]]:
 METRIC_COLUMNS = {"success": "rollout/success_rate", "return": "rollout/ep_rew_mean"}
 
 
-def progress_at(
-    run_dir: Path, metric: str, marks: Sequence[int]
-) -> tuple[list[float | None], tuple[int, float] | None]:
-    """A training curve at env-step ``marks``: at each mark the first logged value at or after it
-    (None where the run has not got there), and the last logged ``(step, value)``.
+def progress_points(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """A run's training curve, ``(env step, value)`` in step order, from its progress CSVs.
 
     :param metric: ``success``, ``return`` or any progress column (``rims/switch_rate``).
     """
     column = METRIC_COLUMNS.get(metric, metric)
-    points = [
+    return [
         (int(float(r["time/total_timesteps"])), float(r[column]))
         for r in read_progress(run_dir)
         if r.get(column) not in (None, "") and r.get("time/total_timesteps")
     ]
+
+
+def curve_at(
+    points: Sequence[tuple[int, float]], marks: Sequence[int]
+) -> tuple[list[float | None], tuple[int, float] | None]:
+    """A curve at env-step ``marks``: at each mark the first value at or after it (None where the
+    curve has not got there), and the last ``(step, value)``."""
     at = [next((v for step, v in points if step >= mark), None) for mark in marks]
     return at, points[-1] if points else None
+
+
+def study_run_dir(root: Path, key: str) -> Path:
+    """A study's run folder, named by the run's key ``<env>/<variant>/s<seed>``."""
+    return root / STUDY_RUNS_DIR / key
 
 
 def study_runs(root: Path) -> list[Path]:
@@ -228,7 +237,7 @@ def study_runs(root: Path) -> list[Path]:
         raise UsageError(f"{root / STUDY_FILE} cannot be read ({e}): the study folder is damaged") from None
     # Found from the run's key inside the study folder, not from the recorded path: that one is as
     # the study was started (relative to its working directory), and the folder may have moved.
-    runs = [root / STUDY_RUNS_DIR / key for key in keys]
+    runs = [study_run_dir(root, key) for key in keys]
     return [r for r in runs if newest_model(r) is not None]
 
 

@@ -56,7 +56,6 @@ from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
     STUDY_FILE,
-    STUDY_RUNS_DIR,
     RunLock,
     atomic_write_bytes,
     atomic_write_text,
@@ -65,6 +64,7 @@ from rim_agents.runs import (
     load_run_config,
     newest_model,
     read_progress,
+    study_run_dir,
     train_seconds,
 )
 from rim_agents.stats import bootstrap_ci, iqm
@@ -421,7 +421,7 @@ class RunPlan:
 
     @property
     def run_dir(self) -> Path:
-        return self.root / STUDY_RUNS_DIR / self.env.name / self.variant.name / f"s{self.seed}"
+        return study_run_dir(self.root, self.key)
 
     @property
     def log(self) -> Path:

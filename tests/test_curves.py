@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rim_agents.cli import curves_main
-from rim_agents.runs import FINAL_MODEL, STUDY_FILE, TB_DIR, progress_at, study_runs
+from rim_agents.runs import FINAL_MODEL, STUDY_FILE, TB_DIR, curve_at, progress_points, study_runs
 
 COLUMNS = ["time/total_timesteps", "rollout/ep_rew_mean", "rollout/success_rate"]
 
@@ -34,11 +34,15 @@ def test_each_mark_takes_the_first_point_at_or_after_it_across_resumes(tmp_path:
             "progress_resume3072.csv": [(5120, 0.5, 0.8), (4096, 0.4, 0.7)],  # merged and ordered by step
         },
     )
-    assert progress_at(run, "return", [1000, 2048, 2049, 5000, 6000]) == ([0.1, 0.2, 0.3, 0.5, None], (5120, 0.5))
+
+    def progress_at(metric: str, marks: list[int]) -> tuple[list[float | None], tuple[int, float] | None]:
+        return curve_at(progress_points(run, metric), marks)
+
+    assert progress_at("return", [1000, 2048, 2049, 5000, 6000]) == ([0.1, 0.2, 0.3, 0.5, None], (5120, 0.5))
     # The success column is empty on the first row: that row is skipped, not read as zero.
-    assert progress_at(run, "success", [1000]) == ([0.5], (5120, 0.8))
-    assert progress_at(run, "rollout/success_rate", [4000]) == ([0.7], (5120, 0.8))
-    assert progress_at(run, "rims/switch_rate", [1000]) == ([None], None)
+    assert progress_at("success", [1000]) == ([0.5], (5120, 0.8))
+    assert progress_at("rollout/success_rate", [4000]) == ([0.7], (5120, 0.8))
+    assert progress_at("rims/switch_rate", [1000]) == ([None], None)
 
 
 def test_a_study_folder_is_read_through_its_runs_keys_from_any_working_directory(
