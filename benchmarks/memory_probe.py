@@ -15,6 +15,9 @@ the memory and the view), read against the share of its majority class.
 
     python benchmarks/memory_probe.py runs/tune-cue/lstm-fb1-s100 runs/tune-cue/lstm-ro-s100
 
+``--all-checkpoints`` probes every checkpoint of each run in step order instead of the newest
+model: when training keeps, gains or loses the cue.
+
 ``--trace`` instead measures how much of the cue a *fresh* core (built from each run's config)
 passes on: on one random-walk episode's features, ``|d o_t / d x_0| / |d o_t / d x_t|`` for the
 actor core's output ``o_t`` at t = 1, 5, 10, 15 (mean of three models, seeds 0-2): the gradient
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from rim_agents.cores import unroll  # noqa: E402
 from rim_agents.models import build_model, load_model, make_env  # noqa: E402 (after the path line)
-from rim_agents.runs import load_run_config, newest_model  # noqa: E402
+from rim_agents.runs import CHECKPOINT_DIR, checkpoint_step, load_run_config, newest_model  # noqa: E402
 
 
 def _target_index(env: Any) -> int:
@@ -161,6 +164,22 @@ def cue_gradient_ratio(model: Any, env: Any, steps: tuple[int, ...] = TRACE_STEP
     return ratios
 
 
+def models_to_probe(run: Path, config: Any, env: Any, all_checkpoints: bool = False) -> dict[str, Any]:
+    """The models to probe by name: the run's newest model ("trained", when it has one) and an
+    untrained one of its config; with ``all_checkpoints``, the untrained model and then every
+    checkpoint in step order ("at N steps")."""
+    untrained = build_model(config, env)
+    if all_checkpoints:
+        models: dict[str, Any] = {"untrained": untrained}
+        for path in sorted((run / CHECKPOINT_DIR).glob("step_*.zip")):
+            models[f"at {checkpoint_step(path):,} steps"] = load_model(config, path, env=env)
+        return models
+    checkpoint = newest_model(run)
+    if checkpoint is None:
+        return {"untrained": untrained}
+    return {"trained": load_model(config, checkpoint, env=env), "untrained": untrained}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of a pickup env with cue_steps")
@@ -168,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-age", type=int, default=2, help="probe states at least this many steps after the cue")
     parser.add_argument("--seed", type=int, default=2_000_000, help="env seed (disjoint from training's)")
     parser.add_argument("--trace", action="store_true", help="the cue's gradient through fresh cores instead")
+    parser.add_argument("--all-checkpoints", action="store_true", help="probe every checkpoint, not the newest model")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     for run in args.runs:
@@ -182,12 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             mean = np.mean(ratios, axis=0)
             print(f"{run.name}: cue gradient ratio at t = {TRACE_STEPS}: " + " ".join(f"{v:.3f}" for v in mean))
             continue
-        checkpoint = newest_model(run)
         env = make_env(config, n_envs=16, seed=args.seed)
-        models = {"untrained": build_model(config, env)}
-        if checkpoint is not None:
-            models = {"trained": load_model(config, checkpoint, env=env), **models}
-        for name, model in models.items():
+        for name, model in models_to_probe(run, config, env, args.all_checkpoints).items():
             th.manual_seed(0)
             rollout = collect(model, env, args.steps)
             keep = rollout.ages >= args.min_age

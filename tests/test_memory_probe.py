@@ -56,3 +56,32 @@ def test_cue_gradient_ratio_grows_with_the_forget_bias() -> None:
         ratios[bias] = cue_gradient_ratio(build_model(config, env), env, steps=(1, 10))
     assert ratios[0.0][1] < ratios[0.0][0] and ratios[3.0][1] < ratios[3.0][0]
     assert ratios[3.0][1] > 3 * ratios[0.0][1]
+
+
+def test_all_checkpoints_are_probed_in_step_order(tmp_path) -> None:
+    import torch as th
+    import yaml
+    from memory_probe import models_to_probe
+
+    from rim_agents.config import load_config
+    from rim_agents.models import build_model, make_env
+    from rim_agents.runs import checkpoint_path, save_model
+
+    config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="lstm", overrides=["policy.lstm_hidden_size=8"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    env = make_env(config, n_envs=2, seed=0)
+    model = build_model(config, env)
+    for steps in (2_000, 1_000, 10_000):  # written out of order; 10,000 sorts first as text without padding
+        model.num_timesteps = steps
+        with th.no_grad():
+            next(model.policy.parameters()).fill_(steps)
+        save_model(model, checkpoint_path(run, steps))
+    models = models_to_probe(run, config, env, all_checkpoints=True)
+    assert list(models) == ["untrained", "at 1,000 steps", "at 2,000 steps", "at 10,000 steps"]
+    for steps in (1_000, 2_000, 10_000):
+        assert (next(models[f"at {steps:,} steps"].policy.parameters()) == steps).all()
+    newest = models_to_probe(run, config, env)
+    assert list(newest) == ["trained", "untrained"]
+    assert (next(newest["trained"].policy.parameters()) == 10_000).all()
