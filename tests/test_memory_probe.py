@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -85,3 +86,15 @@ def test_all_checkpoints_are_probed_in_step_order(tmp_path) -> None:
     newest = models_to_probe(run, config, env)
     assert list(newest) == ["trained", "untrained"]
     assert (next(newest["trained"].policy.parameters()) == 10_000).all()
+
+
+def test_cue_in_chunk_counts_pickups_whose_episode_starts_in_their_chunk() -> None:
+    from cue_in_chunk import in_same_chunk, pickups
+
+    assert in_same_chunk([(0, 31), (30, 33), (64, 100)], 32) == 1 / 3
+    assert in_same_chunk([(0, 31), (30, 33), (64, 100)], 128) == 1.0
+    found, lengths = pickups("RIMAgents/PickupCue-6x6-v0", 2_000)
+    assert found and all(0 <= e - s < 2_000 for s, e in found)
+    # Episodes follow each other: the next pickup's episode starts after this one ended.
+    assert all(s2 > e1 for (_, e1), (s2, _) in itertools.pairwise(found))
+    assert sum(lengths) <= 2_000 and len(found) <= len(lengths)
