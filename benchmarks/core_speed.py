@@ -13,6 +13,7 @@ softmax is exactly zero and fills the backward pass with denormals).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -70,6 +71,10 @@ class LoopRIMReference(nn.Module):
         return th.stack(outs)
 
 
+def _output(core: RIMCore, x: th.Tensor) -> th.Tensor:
+    return core(x)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant (median reported)")
@@ -78,7 +83,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize)")
     parser.add_argument("--steps", type=int, default=128, help="sequence length T")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch B")
-    parser.add_argument("--compile", action="store_true", help="also time RIMCore with rims.compile=default")
+    parser.add_argument("--compile", action="store_true", help="also time both cells with rims.compile=default")
     args = parser.parse_args()
     device = th.device(args.device)
     if args.threads:
@@ -100,14 +105,15 @@ def main() -> None:
     for module in (rim_lstm, rim_gru, lstm, reference):
         module.to(device)
     sync = th.cuda.synchronize if device.type == "cuda" else lambda: None
-    compiled = None
+    compiled: dict[str, RIMCore] = {}
     if args.compile:
-        compiled = rim(compile="reduce-overhead" if device.type == "cuda" else "default")
-        start = time.perf_counter()
-        for _ in range(2):  # the first calls compile the forward and the backward
-            (compiled(x)[0] * proj).sum().backward()
-        sync()
-        print(f"compile time (RIMCore lstm, forward and backward): {time.perf_counter() - start:.1f} s")
+        for cell in ("lstm", "gru"):
+            core = compiled[cell] = rim(cell, compile="reduce-overhead" if device.type == "cuda" else "default")
+            start = time.perf_counter()
+            for _ in range(2):  # the first calls compile the forward and the backward
+                (core(x)[0] * proj).sum().backward()
+            sync()
+            print(f"compile time (RIMCore {cell}, forward and backward): {time.perf_counter() - start:.1f} s")
 
     variants: dict[str, Callable[[], th.Tensor]] = {
         "nn.LSTM(512, 384)": lambda: lstm(x)[0],
@@ -115,8 +121,8 @@ def main() -> None:
         "RIMCore gru": lambda: rim_gru(x)[0],
         "per-RIM loop reference": lambda: reference(x),
     }
-    if compiled is not None:
-        variants["RIMCore lstm compiled"] = lambda: compiled(x)[0]
+    for cell, core in compiled.items():
+        variants[f"RIMCore {cell} compiled"] = functools.partial(_output, core, x)
     if device.type == "cuda":
         graphed = rim(cuda_graphs=True)
         start = time.perf_counter()
