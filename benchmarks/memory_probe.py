@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from rim_agents.cores import unroll  # noqa: E402
 from rim_agents.models import build_model, load_model, make_env  # noqa: E402 (after the path line)
-from rim_agents.runs import CHECKPOINT_DIR, checkpoint_step, load_run_config, newest_model  # noqa: E402
+from rim_agents.runs import checkpoint_step, checkpoints, load_run_config, newest_model  # noqa: E402
 
 
 def _target_index(env: Any) -> int:
@@ -171,7 +171,7 @@ def models_to_probe(run: Path, config: Any, env: Any, all_checkpoints: bool = Fa
     untrained = build_model(config, env)
     if all_checkpoints:
         models: dict[str, Any] = {"untrained": untrained}
-        for path in sorted((run / CHECKPOINT_DIR).glob("step_*.zip")):
+        for path in checkpoints(run):
             models[f"at {checkpoint_step(path):,} steps"] = load_model(config, path, env=env)
         return models
     checkpoint = newest_model(run)

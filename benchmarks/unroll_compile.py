@@ -1,5 +1,5 @@
 """Compile the step or the whole unroll? Forward + backward of one PPO training unroll of the Atari
-RIM core (T=32 steps x B=8 sequences, 6 GRU RIMs of 85 with 5 active, d_in=512, episode starts
+RIM core (``configs/atari.yaml``: 6 GRU RIMs of 85 with 5 active; T=32 steps x B=8 sequences, d_in=512, episode starts
 inside the batch): eager, ``rims.compile=default`` (the per-step function compiled, as shipped) and
 ``torch.compile`` of the whole time loop (``RIMCore.run`` traced through all T steps; not offered).
 
@@ -19,11 +19,7 @@ from collections.abc import Callable
 import torch as th
 
 from rim_agents import RIMCore
-
-ATARI_RIMS = dict(
-    num_units=6, k_active=5, unit_size=85, cell="gru", input_heads=1, input_key_size=64,
-    input_value_size=340, comm_heads=4, comm_key_size=32, input_dropout=0.0, comm_dropout=0.0,
-)  # fmt: skip
+from rim_agents.config import load_config
 
 
 def main() -> None:
@@ -36,7 +32,7 @@ def main() -> None:
     th.set_num_threads(args.threads)
     th.manual_seed(0)
     T, B = args.steps, args.batch
-    core = RIMCore(512, **ATARI_RIMS)
+    core = RIMCore(512, load_config(env="BreakoutNoFrameskip-v4", core="rims").rims)  # configs/atari.yaml
     x = th.randn(T, B, 512, requires_grad=True)
     h0 = th.zeros(1, B, core.hidden_size)
     starts = (th.rand(T, B) < 0.02).float()

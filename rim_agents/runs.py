@@ -86,13 +86,19 @@ def checkpoint_step(path: Path) -> int:
     return int(steps) if isinstance(steps, int) else -1
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the most steps in ``run_dir/checkpoints``, or None."""
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints in ``run_dir/checkpoints``, fewest steps first (by their names)."""
     folder = run_dir / CHECKPOINT_DIR
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.search(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the most steps in ``run_dir/checkpoints``, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def newest_model(run_dir: Path) -> Path | None:

@@ -74,7 +74,7 @@ def test_all_checkpoints_are_probed_in_step_order(tmp_path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     env = make_env(config, n_envs=2, seed=0)
     model = build_model(config, env)
-    for steps in (2_000, 1_000, 10_000):  # written out of order; 10,000 sorts first as text without padding
+    for steps in (2_000, 1_000, 10_000):  # written out of order
         model.num_timesteps = steps
         with th.no_grad():
             next(model.policy.parameters()).fill_(steps)
