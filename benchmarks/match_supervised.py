@@ -1,0 +1,209 @@
+"""Can the memory variant's policy network learn the match from a dense signal? PickupCue, supervised.
+
+On ``RIMAgents/PickupCue-6x6-v0`` the target is shown in the first observation only, and PPO
+agents that keep it in memory can still fail to act on it: they pick up the target and the other
+object alike (``benchmarks/memory_probe.py``). This asks whether the network itself can compute the
+match between what it was shown and what it sees when told the answer at every step.
+
+A fresh model of the RL recipe (``configs/minigrid.yaml``: the run's extractor and actor core,
+initialised from ``--seeds``) gets a new linear read-out of one logit, "the object in front is the
+target", trained with binary cross-entropy at every step after the cue where an object is in front.
+Episodes are random walks (left, right, forward; never a pickup, so every episode lasts the env's
+180 steps), of which the first ``--length`` steps are kept and unrolled from a zero state; Adam
+at the recipe's learning rate (5e-4), 16 episodes per update drawn from a fixed pool. Prints the
+balanced accuracy (mean of the accuracies on "target in front" and "other object in front") on
+held-out episodes at a few points of training; 0.5 is chance, and the feed-forward control
+(``none``), which cannot see the target, should stay there. ``--shown`` shows the target at every
+step instead (the same env and network with ``cue_steps`` past the episode's end): the match
+against a visible target, which the extractor's target-match channels compute, as the control
+that the harness can teach a match at all.
+
+    python benchmarks/match_supervised.py [--cores none,lstm,rims] [--seeds 100,103] [--updates 300] [--length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from stable_baselines3.common.preprocessing import preprocess_obs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from rim_agents.config import load_config  # noqa: E402
+from rim_agents.models import build_model, make_env  # noqa: E402
+
+ENV = "RIMAgents/PickupCue-6x6-v0"
+MOVES = 3  # left, right, forward: the first three of MiniGrid's actions
+SHOWN = 10_000  # cue_steps past any episode's end: the target shown throughout
+
+
+@dataclass
+class Episodes:
+    """Whole random-walk episodes, time first."""
+
+    obs: dict[str, np.ndarray]  # each (T, E, ...)
+    labels: np.ndarray  # (T, E): 1 target in front, 0 other object in front, -1 neither (or t = 0)
+
+
+def _front_label(env: Any) -> int:
+    """1 if the object in front of the agent is the target, 0 if it is another object, -1 if none."""
+    env = env.unwrapped
+    front = env.grid.get(*env.front_pos)
+    if front is None or front.type not in ("key", "ball", "box"):
+        return -1
+    return int((front.type, front.color) == env.target)
+
+
+def collect(config: Any, n_rounds: int, seed: int, n_envs: int = 8, keep: int | None = None) -> Episodes:
+    """``n_rounds x n_envs`` episodes of random moves (the envs reset together after ``max_steps``),
+    each cut to its first ``keep`` steps (all by default)."""
+    env = make_env(config, n_envs=n_envs, seed=seed)
+    rng = np.random.default_rng(seed)
+    length = env.envs[0].unwrapped.max_steps
+    obs = env.reset()
+    rounds_obs: list[dict[str, np.ndarray]] = []
+    rounds_labels: list[np.ndarray] = []
+    for _ in range(n_rounds):
+        steps_obs: list[dict[str, np.ndarray]] = []
+        steps_labels = []
+        for t in range(length):
+            steps_obs.append({k: v.copy() for k, v in obs.items()})
+            steps_labels.append([-1 if t == 0 else _front_label(e) for e in env.envs])
+            obs, _, dones, _ = env.step(rng.integers(MOVES, size=n_envs))
+            if dones.any() != (t == length - 1) or dones.any() != dones.all():
+                raise RuntimeError("random-walk episodes must all last max_steps steps")
+        rounds_obs.append({k: np.stack([o[k] for o in steps_obs[:keep]]) for k in steps_obs[0]})
+        rounds_labels.append(np.array(steps_labels[:keep]))
+    env.close()
+    keys = rounds_obs[0].keys()
+    return Episodes(
+        {k: np.concatenate([r[k] for r in rounds_obs], axis=1) for k in keys}, np.concatenate(rounds_labels, axis=1)
+    )
+
+
+class MatchModel(th.nn.Module):
+    """The policy's extractor and actor core, and a one-logit read-out of the core's output."""
+
+    def __init__(self, core: str, seed: int) -> None:
+        super().__init__()
+        config = load_config(env=ENV, core=core, flags={"seed": seed})  # the network does not depend on --shown
+        env = make_env(config, n_envs=1, seed=seed)
+        self.policy = build_model(config, env).policy
+        env.close()
+        th.manual_seed(seed)
+        self.head = th.nn.Linear(self.policy.lstm_output_dim, 1)
+
+    def forward(self, obs: dict[str, th.Tensor]) -> th.Tensor:
+        """``obs`` time first ``(T, B, ...)`` -> logits ``(T, B)``, from zero states at t = 0."""
+        policy = self.policy
+        T, B = obs["image"].shape[:2]
+        flat = {k: v.transpose(0, 1).flatten(0, 1) for k, v in obs.items()}  # sequence-major
+        features = policy.pi_features_extractor(preprocess_obs(flat, policy.observation_space))
+        core = policy.lstm_actor
+        shape = (core.num_layers, B, core.hidden_size)
+        states = (th.zeros(shape), th.zeros(shape))
+        starts = th.zeros(B, T)
+        starts[:, 0] = 1
+        latent, _ = policy._process_sequence(features, states, starts.flatten(), core)
+        return self.head(latent).view(B, T).transpose(0, 1)
+
+
+def balanced_accuracy(logits: th.Tensor, labels: th.Tensor) -> float:
+    """Mean of the accuracies on the labelled steps of each class (1 and 0)."""
+    predicted = logits > 0
+    per_class = [(predicted[labels == c] == bool(c)).float().mean() for c in (0, 1)]
+    return float(sum(per_class) / 2)
+
+
+def _tensors(episodes: Episodes, index: np.ndarray | slice) -> tuple[dict[str, th.Tensor], th.Tensor]:
+    obs = {k: th.as_tensor(v[:, index]) for k, v in episodes.obs.items()}
+    return obs, th.as_tensor(episodes.labels[:, index])
+
+
+def train(
+    core: str,
+    seed: int,
+    pool: Episodes,
+    held_out: Episodes,
+    updates: int,
+    batch: int = 16,
+    lr: float = 5e-4,
+    report_at: tuple[int, ...] = (),
+) -> dict[int, float]:
+    """Train one core's network; the held-out balanced accuracy at 0, each of ``report_at`` and the end."""
+    model = MatchModel(core, seed)
+    optimizer = th.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    test_obs, test_labels = _tensors(held_out, slice(None))
+    scores: dict[int, float] = {}
+
+    def score(step: int) -> None:
+        with th.no_grad():
+            scores[step] = balanced_accuracy(model(test_obs), test_labels)
+
+    score(0)
+    n_episodes = pool.labels.shape[1]
+    for step in range(1, updates + 1):
+        obs, labels = _tensors(pool, rng.choice(n_episodes, size=batch, replace=False))
+        logits = model(obs)
+        scored = labels >= 0
+        loss = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float())
+        optimizer.zero_grad()
+        loss.backward()
+        th.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # the recipe's max_grad_norm
+        optimizer.step()
+        if step in report_at or step == updates:
+            score(step)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cores", default="none,lstm,rims")
+    parser.add_argument("--seeds", default="100,103")
+    parser.add_argument("--updates", type=int, default=600)
+    parser.add_argument("--episodes", type=int, default=640, help="training pool (a multiple of 8)")
+    parser.add_argument("--held-out", type=int, default=128, help="held-out episodes (a multiple of 8)")
+    parser.add_argument("--length", type=int, default=64, help="steps kept of each episode")
+    parser.add_argument("--shown", action="store_true", help="show the target at every step (the control)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    th.set_num_threads(args.threads)
+    config = load_config(
+        env=ENV, core="lstm", overrides=[f"env_options.env_kwargs.cue_steps={SHOWN}"] if args.shown else []
+    )
+    start = time.perf_counter()
+    pool = collect(config, args.episodes // 8, seed=3_000_000, keep=args.length)
+    held_out = collect(config, args.held_out // 8, seed=4_000_000, keep=args.length)
+    labelled = held_out.labels >= 0
+    print(
+        f"{pool.labels.shape[1]} training and {held_out.labels.shape[1]} held-out episodes of "
+        f"{pool.labels.shape[0]} steps collected in {time.perf_counter() - start:.0f} s; held out: "
+        f"{int(labelled.sum())} labelled steps, "
+        f"{float((held_out.labels[labelled] == 1).mean()):.2f} with the target in front"
+    )
+    report_at = tuple(sorted({args.updates // 6, args.updates // 3, args.updates // 2, args.updates}))
+    shown = "shown at every step" if args.shown else "shown at the first step only"
+    print(f"balanced accuracy of 'the object in front is the target' ({shown}) on held-out episodes (chance 0.5)")
+    print("| core | seed | untrained | " + " | ".join(f"{s} updates" for s in report_at) + " | wall s |")
+    print("|---|---|---|" + "---|" * len(report_at) + "---|", flush=True)
+    for core in args.cores.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            start = time.perf_counter()
+            scores = train(core, seed, pool, held_out, args.updates, report_at=report_at)
+            cells = " | ".join(f"{scores[s]:.3f}" for s in report_at)
+            print(f"| {core} | {seed} | {scores[0]:.3f} | {cells} | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
