@@ -10,9 +10,11 @@ import pytest
 import torch as th
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from match_supervised import ENV, MatchModel, _tensors, balanced_accuracy, collect
+from match_supervised import ENV, SHOWN_ENV, SHOWN_OVERRIDES, MatchModel, _tensors, balanced_accuracy, collect
+from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
 
 from rim_agents.config import load_config
+from rim_agents.envs.pickup import COLOURS, TYPES
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +51,21 @@ def test_only_a_core_with_memory_sees_the_cue(episodes) -> None:
         assert a.shape == (40, 2)
         assert not th.equal(a[0], b[0])  # the cue step itself differs for both
         assert (not th.allclose(a[1:], b[1:])) == remembers
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_labels_say_whether_the_cell_in_front_shows_the_target(episodes, shown) -> None:
+    if shown:  # the control: target shown at every step, room lit
+        episodes = collect(load_config(env=SHOWN_ENV, core="lstm", overrides=SHOWN_OVERRIDES), 1, seed=7, keep=40)
+        assert (episodes.obs["target"] == episodes.obs["target"][:1]).all()
+    image, labels = episodes.obs["image"], episodes.labels
+    front = image[:, :, 3, 5]  # (T, E, 3): the cell ahead of the agent in its 7x7 view
+    target = episodes.obs["target"][:1]  # the cue (t = 0) holds the episode's target
+    is_target = (front[..., 0] == np.array([OBJECT_TO_IDX[t] for t in TYPES])[target[..., 0]]) & (
+        front[..., 1] == np.array([COLOR_TO_IDX[c] for c in COLOURS])[target[..., 1]]
+    )
+    is_object = np.isin(front[..., 0], [OBJECT_TO_IDX[t] for t in ("key", "ball", "box")])
+    expected = np.where(is_object, is_target, -1)
+    expected[0] = -1
+    assert np.array_equal(labels, expected)
+    assert (labels == 1).any() and (labels == 0).any()
