@@ -46,6 +46,10 @@ from rim_agents.models import build_model, make_env  # noqa: E402
 
 ENV = "RIMAgents/PickupCue-6x6-v0"
 #: The control: the target shown at every step (and the room lit; PickupCue's is dark while the cue shows).
+#: The prototype core: an LSTM whose previous output is fed back as the target to match the view against.
+FEEDBACK = "lstm+feedback"
+#: The same, with an auxiliary loss teaching the recall the cue's embedding (squared error, stopped gradient).
+FEEDBACK_AUX = "lstm+feedback+aux"
 SHOWN_ENV, SHOWN_OVERRIDES = "RIMAgents/Pickup-6x6-v0", ["env_options.env_kwargs.num_distractors=1"]
 MOVES = 3  # left, right, forward: the first three of MiniGrid's actions
 
@@ -99,18 +103,27 @@ class MatchModel(th.nn.Module):
 
     def __init__(self, core: str, seed: int, shown: bool = False) -> None:
         super().__init__()
+        self.feedback = core in (FEEDBACK, FEEDBACK_AUX)
+        self.recall_loss = core == FEEDBACK_AUX
+        self.aux_loss: th.Tensor | None = None
         env_id, overrides = (SHOWN_ENV, SHOWN_OVERRIDES) if shown else (ENV, [])
-        config = load_config(env=env_id, core=core, overrides=overrides, flags={"seed": seed})
+        base = "lstm" if self.feedback else core
+        config = load_config(env=env_id, core=base, overrides=overrides, flags={"seed": seed})
         env = make_env(config, n_envs=1, seed=seed)
         self.policy = build_model(config, env).policy
         env.close()
         th.manual_seed(seed)
         self.head = th.nn.Linear(self.policy.lstm_output_dim, 1)
+        if self.feedback:
+            extractor = self.policy.pi_features_extractor
+            self.recall = th.nn.Linear(self.policy.lstm_actor.hidden_size, extractor.embed.embedding_dim)
 
     def forward(self, obs: dict[str, th.Tensor]) -> th.Tensor:
         """``obs`` time first ``(T, B, ...)`` -> logits ``(T, B)``, from zero states at t = 0."""
         policy = self.policy
         T, B = obs["image"].shape[:2]
+        if self.feedback:
+            return self._forward_feedback(obs)
         flat = {k: v.transpose(0, 1).flatten(0, 1) for k, v in obs.items()}  # sequence-major
         features = policy.pi_features_extractor(preprocess_obs(flat, policy.observation_space))
         core = policy.lstm_actor
@@ -120,6 +133,30 @@ class MatchModel(th.nn.Module):
         starts[:, 0] = 1
         latent, _ = policy._process_sequence(features, states, starts.flatten(), core)
         return self.head(latent).view(B, T).transpose(0, 1)
+
+    def _forward_feedback(self, obs: dict[str, th.Tensor]) -> th.Tensor:
+        """The prototype: after the cue, the extractor matches the cells against an embedding
+        recalled from the core's previous output (a linear map of it) instead of the hidden target."""
+        policy, extractor, core = self.policy, self.policy.pi_features_extractor, self.policy.lstm_actor
+        T, B = obs["image"].shape[:2]
+        pre = preprocess_obs({k: v.flatten(0, 1) for k, v in obs.items()}, policy.observation_space)
+        pre = {k: v.view(T, B, *v.shape[1:]) for k, v in pre.items()}
+        n_types = int(policy.observation_space["target"].nvec[0])
+        h = c = th.zeros(core.num_layers, B, core.hidden_size)
+        cue = extractor.target_embedding(pre["target"][0]).detach()
+        outs, errors = [], []
+        for t in range(T):
+            step = {k: v[t] for k, v in pre.items()}
+            hidden = step["target"][:, n_types - 1 : n_types]  # 1 where the target is hidden
+            recall = self.recall(h[-1])
+            if t > 0:
+                errors.append(((recall - cue) ** 2).sum(dim=-1).mean())
+            recalled = extractor.target_embedding(step["target"]) + hidden * recall
+            x = extractor(step, target_embedding=recalled)
+            out, (h, c) = core(x[None], (h, c))
+            outs.append(out[0])
+        self.aux_loss = th.stack(errors).mean() if self.recall_loss else None
+        return self.head(th.stack(outs)).squeeze(-1)
 
 
 def balanced_accuracy(logits: th.Tensor, labels: th.Tensor) -> float:
@@ -163,6 +200,8 @@ def train(
         logits = model(obs)
         scored = labels >= 0
         loss = F.binary_cross_entropy_with_logits(logits[scored], labels[scored].float())
+        if model.aux_loss is not None:
+            loss = loss + model.aux_loss
         optimizer.zero_grad()
         loss.backward()
         th.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # the recipe's max_grad_norm

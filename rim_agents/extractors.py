@@ -150,13 +150,20 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         rows = target_rows.expand_as(one_hot)[one_hot].view(-1, 2)
         return (self.embed(rows.clamp(min=0)) * (rows >= 0).unsqueeze(-1)).sum(dim=1)
 
-    def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+    def forward(self, observations: dict[str, th.Tensor], target_embedding: th.Tensor | None = None) -> th.Tensor:
+        """Features of a batch of observations.
+
+        :param observations: the env's observations, preprocessed as SB3 does (the target one-hot).
+        :param target_embedding: with ``target_match``, a ``(B, E)`` embedding to match the cells
+            against instead of the observation's target (e.g. one recalled from memory); the FiLM
+            conditioning still reads the observation's target.
+        """
         offsets: th.Tensor = self.offsets  # type: ignore[assignment]
         idx = observations["image"].long().clamp_(0, self.max_index - 1) + offsets  # (B, V, V, 3)
         cells = self.embed(idx).sum(dim=3)  # (B, V, V, E)
         grid = cells.permute(0, 3, 1, 2)  # (B, E, V, V)
         if self.target_match:
-            target = self.target_embedding(observations["target"])
+            target = self.target_embedding(observations["target"]) if target_embedding is None else target_embedding
             grid = th.cat([grid, grid * target[..., None, None]], dim=1)
         h1 = self.conv1(grid)
         if self.film is None:

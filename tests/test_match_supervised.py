@@ -10,7 +10,16 @@ import pytest
 import torch as th
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from match_supervised import ENV, SHOWN_ENV, SHOWN_OVERRIDES, MatchModel, _tensors, balanced_accuracy, collect
+from match_supervised import (
+    ENV,
+    FEEDBACK_AUX,
+    SHOWN_ENV,
+    SHOWN_OVERRIDES,
+    MatchModel,
+    _tensors,
+    balanced_accuracy,
+    collect,
+)
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
 
 from rim_agents.config import load_config
@@ -69,3 +78,14 @@ def test_labels_say_whether_the_cell_in_front_shows_the_target(episodes, shown) 
     expected[0] = -1
     assert np.array_equal(labels, expected)
     assert (labels == 1).any() and (labels == 0).any()
+
+
+def test_feedback_prototype_reads_the_recall_after_the_cue_only(episodes) -> None:
+    obs, _ = _tensors(episodes, slice(0, 2))
+    model = MatchModel(FEEDBACK_AUX, seed=0)
+    logits = model(obs)
+    assert logits.shape == (40, 2) and model.aux_loss is not None and model.aux_loss.item() > 0
+    logits[0].sum().backward(retain_graph=True)  # the cue step: the target is visible, no recall
+    assert model.recall.weight.grad is None or not model.recall.weight.grad.any()
+    logits[5].sum().backward()
+    assert model.recall.weight.grad is not None and model.recall.weight.grad.abs().sum() > 0

@@ -466,6 +466,10 @@ def test_target_match_embeds_the_target_like_its_cell(env_id: str) -> None:
         expected = extractor.embed(rows[:2]).sum(dim=0)
         np.testing.assert_allclose(extractor.target_embedding(batch["target"])[0], expected, rtol=1e-6)
         assert extractor(batch).shape == (1, 128)
+        # A given embedding replaces the observation's target in the match channels, and only there.
+        own = extractor.target_embedding(batch["target"])
+        assert th.equal(extractor(batch, target_embedding=own), extractor(batch))
+        assert not th.allclose(extractor(batch, target_embedding=own + 1.0), extractor(batch))
     if env_id.startswith("RIMAgents/PickupCue"):
         hidden, *_ = env.step(0)
         batch = preprocess_obs({k: th.as_tensor(v)[None] for k, v in hidden.items()}, env.observation_space)
