@@ -20,7 +20,7 @@ target shown at every step and the room lit (``RIMAgents/Pickup-6x6-v0`` with on
 network built for it), where the extractor's target-match channels compute the match against the
 visible target.
 
-    python benchmarks/match_supervised.py [--cores none,lstm,rims] [--seeds 100,103] [--updates 300] [--length 64]
+    python benchmarks/match_supervised.py [--cores none,lstm,rims] [--seeds 100,103] [--updates 600] [--length 64]
 """
 
 from __future__ import annotations
@@ -41,16 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from memory_probe import front_is_target  # noqa: E402
+
 from rim_agents.config import load_config  # noqa: E402
 from rim_agents.models import build_model, make_env  # noqa: E402
 
 ENV = "RIMAgents/PickupCue-6x6-v0"
 #: The control: the target shown at every step (and the room lit; PickupCue's is dark while the cue shows).
+SHOWN_ENV, SHOWN_OVERRIDES = "RIMAgents/Pickup-6x6-v0", ["env_options.env_kwargs.num_distractors=1"]
 #: The prototype core: an LSTM whose previous output is fed back as the target to match the view against.
 FEEDBACK = "lstm+feedback"
 #: The same, with an auxiliary loss teaching the recall the cue's embedding (squared error, stopped gradient).
 FEEDBACK_AUX = "lstm+feedback+aux"
-SHOWN_ENV, SHOWN_OVERRIDES = "RIMAgents/Pickup-6x6-v0", ["env_options.env_kwargs.num_distractors=1"]
 MOVES = 3  # left, right, forward: the first three of MiniGrid's actions
 
 
@@ -60,15 +62,6 @@ class Episodes:
 
     obs: dict[str, np.ndarray]  # each (T, E, ...)
     labels: np.ndarray  # (T, E): 1 target in front, 0 other object in front, -1 neither (or t = 0)
-
-
-def _front_label(env: Any) -> int:
-    """1 if the object in front of the agent is the target, 0 if it is another object, -1 if none."""
-    env = env.unwrapped
-    front = env.grid.get(*env.front_pos)
-    if front is None or front.type not in ("key", "ball", "box"):
-        return -1
-    return int((front.type, front.color) == env.target)
 
 
 def collect(config: Any, n_rounds: int, seed: int, n_envs: int = 8, keep: int | None = None) -> Episodes:
@@ -85,7 +78,7 @@ def collect(config: Any, n_rounds: int, seed: int, n_envs: int = 8, keep: int | 
         steps_labels = []
         for t in range(length):
             steps_obs.append({k: v.copy() for k, v in obs.items()})
-            steps_labels.append([-1 if t == 0 else _front_label(e) for e in env.envs])
+            steps_labels.append([-1 if t == 0 else {None: -1, True: 1, False: 0}[front_is_target(e)] for e in env.envs])
             obs, _, dones, _ = env.step(rng.integers(MOVES, size=n_envs))
             if dones.any() != (t == length - 1) or dones.any() != dones.all():
                 raise RuntimeError("random-walk episodes must all last max_steps steps")
@@ -120,10 +113,10 @@ class MatchModel(th.nn.Module):
 
     def forward(self, obs: dict[str, th.Tensor]) -> th.Tensor:
         """``obs`` time first ``(T, B, ...)`` -> logits ``(T, B)``, from zero states at t = 0."""
-        policy = self.policy
-        T, B = obs["image"].shape[:2]
         if self.feedback:
             return self._forward_feedback(obs)
+        policy = self.policy
+        T, B = obs["image"].shape[:2]
         flat = {k: v.transpose(0, 1).flatten(0, 1) for k, v in obs.items()}  # sequence-major
         features = policy.pi_features_extractor(preprocess_obs(flat, policy.observation_space))
         core = policy.lstm_actor

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rim_agents.cores import unroll  # noqa: E402
+from rim_agents.envs.pickup import TYPES  # noqa: E402
 from rim_agents.models import build_model, load_model, make_env  # noqa: E402 (after the path line)
 from rim_agents.runs import checkpoint_step, checkpoints, load_run_config, newest_model  # noqa: E402
 
@@ -52,14 +53,18 @@ def _target_index(env: Any) -> int:
 PICKUP = 3  # the pickup env's action index
 
 
-def _facing(env: Any) -> bool | None:
-    """Whether the object in front of the agent is the target; None when there is none or while
-    the cue is shown."""
+def front_is_target(env: Any) -> bool | None:
+    """Whether the object in front of the agent is the target; None when there is no object there."""
     env = env.unwrapped
     front = env.grid.get(*env.front_pos)
-    if front is None or front.type not in ("key", "ball", "box") or env.cue_shown:
+    if front is None or front.type not in TYPES:
         return None
     return bool((front.type, front.color) == env.target)
+
+
+def _facing(env: Any) -> bool | None:
+    """:func:`front_is_target`, and None while the cue is shown."""
+    return None if env.unwrapped.cue_shown else front_is_target(env)
 
 
 @dataclass

@@ -7,7 +7,8 @@ linear read-out predicts the symbol ``delay`` steps back at every scored step, a
 the cross-entropy on fresh random sequences each step: the gradient says at every step what the
 answer was, where PPO's says only how much return an action earned. Variants: ``lstm``, the RIM
 core all active (``k = K``), the paper's hard top-k, and straight-through top-k with k annealed
-over the first half of training (``selection_options`` below, the selection study's overrides).
+over the first half of training: the selection study's variants of those names, read with their
+overrides from ``configs/studies/selection.yaml`` (any of its ``lstm`` or ``rims`` variants can be named).
 
 Prints the accuracy on held-out sequences (top-k in force, evaluation mode; chance is
 ``1 / n_symbols``) at a few points of training, per variant and seed, and each run's wall time.
@@ -25,15 +26,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from rim_agents import RIMCore
-from rim_agents.config import load_config
+from rim_agents.config import CONFIG_DIR, TrainConfig, load_config
+from rim_agents.study import load_spec
 
-#: Variant -> RIM overrides (None: the LSTM of the same config); as in configs/studies/selection.yaml.
-selection_options: dict[str, dict[str, object] | None] = {
-    "lstm": None,
-    "rims-all-active": {"k_active": 4},
-    "rims": {},
-    "rims-st-anneal": {"selection": "straight_through", "k_anneal": 0.5},
-}
+STUDY = CONFIG_DIR / "studies" / "selection.yaml"
+VARIANTS = ("lstm", "rims-all-active", "rims", "rims-st-anneal")
+
+
+def variant_config(name: str) -> TrainConfig:
+    """The repeat task's run config of the selection study's variant ``name`` (its core and overrides)."""
+    spec = load_spec(STUDY)
+    variants = {v.name: v for v in spec.variants if v.core in ("lstm", "rims")}
+    if name not in variants:
+        raise ValueError(
+            f"unknown variant {name!r}: choose an lstm or rims variant of {STUDY.name}: {', '.join(variants)}"
+        )
+    variant = variants[name]
+    return load_config(env="RIMAgents/Repeat-v0", core=variant.core, overrides=[*spec.overrides, *variant.overrides])
 
 
 def repeat_batch(
@@ -52,16 +61,14 @@ class Model(nn.Module):
 
     def __init__(self, variant: str, n_symbols: int) -> None:
         super().__init__()
-        overrides = selection_options[variant]
-        config = load_config(env="RIMAgents/Repeat-v0", core="lstm" if overrides is None else "rims")
+        config = variant_config(variant)
         self.n_symbols = n_symbols
         self.core: nn.Module
-        if overrides is None:
+        if config.core == "lstm":
             self.core = nn.LSTM(n_symbols, config.policy.lstm_hidden_size)
         else:
-            self.core = RIMCore(n_symbols, config.rims, **overrides)
-        width = self.core.hidden_size
-        self.head = nn.Linear(width, n_symbols)
+            self.core = RIMCore(n_symbols, config.rims)
+        self.head = nn.Linear(self.core.hidden_size, n_symbols)
 
     def set_progress(self, fraction_done: float) -> None:
         if isinstance(self.core, RIMCore):
@@ -119,14 +126,16 @@ def main() -> None:
     parser.add_argument("--delay", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variants", default=",".join(selection_options))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     th.set_num_threads(args.threads)
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in selection_options]
-    if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {', '.join(selection_options)}")
+    for variant in variants:
+        try:
+            variant_config(variant)
+        except ValueError as e:
+            parser.error(str(e))
     seeds = [int(s) for s in args.seeds.split(",")]
     report_at = tuple(sorted({args.steps // 6, args.steps // 3, args.steps // 2, args.steps}))
     print(f"repeat the symbol from {args.delay} steps ago, supervised; held-out accuracy (chance 0.25)")
