@@ -20,7 +20,21 @@ target shown at every step and the room lit (``RIMAgents/Pickup-6x6-v0`` with on
 network built for it), where the extractor's target-match channels compute the match against the
 visible target.
 
-    python benchmarks/match_supervised.py [--cores none,lstm,rims] [--seeds 100,103] [--updates 600] [--length 64]
+Variants beside the plain cores (``none``, ``lstm``, ``rims``, ``gru``):
+
+- ``lstm+oracle-cue``: the extractor's match channels read the true cue's embedding at every step
+  (what a perfect recall would give them); the core and read-out as for ``lstm``.
+- ``lstm+feedback``: they read a linear map of the LSTM's previous output instead (a recall);
+  ``lstm+feedback+aux`` adds a loss teaching that map the cue's embedding; ``lstm+feedback+aux+skip``
+  also lets the read-out see the extractor's features beside the core's output.
+- ``CORE+recall`` (e.g. ``lstm+recall``, ``rims+recall``): the policy's own options
+  ``policy.token_readout=true policy.cue_recall=1.0``, the recall loss computed by the policy as
+  in PPO (scored at every step after the cue); the read-out reads ``[o, scores]``.
+
+The recall error (the recall's squared distance to the cue's embedding over the cue's squared norm,
+on the held-out episodes) is printed beside the accuracy where there is a recall.
+
+    python benchmarks/match_supervised.py [--cores none,lstm,rims] [--seeds 100,103] [--updates 600] [OVERRIDES]
 """
 
 from __future__ import annotations
@@ -53,6 +67,13 @@ SHOWN_ENV, SHOWN_OVERRIDES = "RIMAgents/Pickup-6x6-v0", ["env_options.env_kwargs
 FEEDBACK = "lstm+feedback"
 #: The same, with an auxiliary loss teaching the recall the cue's embedding (squared error, stopped gradient).
 FEEDBACK_AUX = "lstm+feedback+aux"
+#: The same, with the read-out also reading the extractor's features (a skip past the core).
+FEEDBACK_AUX_SKIP = "lstm+feedback+aux+skip"
+#: The control of the feedback path: the match channels read the true cue's embedding at every step.
+ORACLE = "lstm+oracle-cue"
+#: The policy's own options (``policy.token_readout`` and ``policy.cue_recall=1.0``) on a core, e.g. ``lstm+recall``.
+RECALL = "+recall"
+RECALL_OVERRIDES = ("policy.token_readout=true", "policy.cue_recall=1.0")
 MOVES = 3  # left, right, forward: the first three of MiniGrid's actions
 
 
@@ -94,19 +115,24 @@ def collect(config: Any, n_rounds: int, seed: int, n_envs: int = 8, keep: int | 
 class MatchModel(th.nn.Module):
     """The policy's extractor and actor core, and a one-logit read-out of the core's output."""
 
-    def __init__(self, core: str, seed: int, shown: bool = False) -> None:
+    def __init__(self, core: str, seed: int, shown: bool = False, overrides: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.feedback = core in (FEEDBACK, FEEDBACK_AUX)
-        self.recall_loss = core == FEEDBACK_AUX
+        self.feedback = core in (FEEDBACK, FEEDBACK_AUX, FEEDBACK_AUX_SKIP, ORACLE)
+        self.recall_loss = core in (FEEDBACK_AUX, FEEDBACK_AUX_SKIP)
+        self.skip, self.oracle = core == FEEDBACK_AUX_SKIP, core == ORACLE
         self.aux_loss: th.Tensor | None = None
-        env_id, overrides = (SHOWN_ENV, SHOWN_OVERRIDES) if shown else (ENV, [])
-        base = "lstm" if self.feedback else core
-        config = load_config(env=env_id, core=base, overrides=overrides, flags={"seed": seed})
+        self.recall_error: float | None = None  # the last forward's recall error relative to the cue's norm
+        env_id, extra = (SHOWN_ENV, SHOWN_OVERRIDES) if shown else (ENV, [])
+        base = "lstm" if self.feedback else core.removesuffix(RECALL)
+        if core.endswith(RECALL):
+            extra = [*extra, *RECALL_OVERRIDES]
+        config = load_config(env=env_id, core=base, overrides=[*overrides, *extra], flags={"seed": seed})
         env = make_env(config, n_envs=1, seed=seed)
         self.policy = build_model(config, env).policy
         env.close()
         th.manual_seed(seed)
-        self.head = th.nn.Linear(self.policy.lstm_output_dim, 1)
+        width = self.policy.lstm_output_dim + (self.policy.features_dim if self.skip else 0)
+        self.head = th.nn.Linear(width, 1)
         if self.feedback:
             extractor = self.policy.pi_features_extractor
             self.recall = th.nn.Linear(self.policy.lstm_actor.hidden_size, extractor.embed.embedding_dim)
@@ -124,7 +150,19 @@ class MatchModel(th.nn.Module):
         states = (th.zeros(shape), th.zeros(shape))
         starts = th.zeros(B, T)
         starts[:, 0] = 1
-        latent, _ = policy._process_sequence(features, states, starts.flatten(), core)
+        if policy.cue_recall > 0:  # the policy's recall loss, scored after the cue (as RIMPPO stores it)
+            cue = flat["target"].view(B, T, -1)[:, :1].expand(B, T, -1).flatten(0, 1)
+            scored = th.ones(B, T, dtype=th.bool)
+            scored[:, 0] = False
+            space = policy.observation_space["target"]
+            policy._cue = (preprocess_obs(cue, space), scored.flatten())
+        try:
+            latent, _ = policy._process_sequence(features, states, starts.flatten(), core)
+        finally:
+            policy._cue = None
+        if policy.recall_errors:
+            self.recall_error = float(policy.recall_errors[-1])
+            policy.recall_errors.clear()
         return self.head(latent).view(B, T).transpose(0, 1)
 
     def _forward_feedback(self, obs: dict[str, th.Tensor]) -> th.Tensor:
@@ -137,18 +175,20 @@ class MatchModel(th.nn.Module):
         n_types = int(policy.observation_space["target"].nvec[0])
         h = c = th.zeros(core.num_layers, B, core.hidden_size)
         cue = extractor.target_embedding(pre["target"][0]).detach()
-        outs, errors = [], []
+        outs, errors, norms = [], [], []
         for t in range(T):
             step = {k: v[t] for k, v in pre.items()}
             hidden = step["target"][:, n_types - 1 : n_types]  # 1 where the target is hidden
             recall = self.recall(h[-1])
             if t > 0:
                 errors.append(((recall - cue) ** 2).sum(dim=-1).mean())
-            recalled = extractor.target_embedding(step["target"]) + hidden * recall
+                norms.append((cue**2).sum(dim=-1).mean())
+            recalled = cue if self.oracle else extractor.target_embedding(step["target"]) + hidden * recall
             x = extractor(step, target_embedding=recalled)
             out, (h, c) = core(x[None], (h, c))
-            outs.append(out[0])
+            outs.append(th.cat([out[0], x], dim=-1) if self.skip else out[0])
         self.aux_loss = th.stack(errors).mean() if self.recall_loss else None
+        self.recall_error = float(th.stack(errors).detach().mean() / th.stack(norms).mean())
         return self.head(th.stack(outs)).squeeze(-1)
 
 
@@ -174,17 +214,23 @@ def train(
     lr: float = 5e-4,
     report_at: tuple[int, ...] = (),
     shown: bool = False,
-) -> dict[int, float]:
-    """Train one core's network; the held-out balanced accuracy at 0, each of ``report_at`` and the end."""
-    model = MatchModel(core, seed, shown)
+    overrides: tuple[str, ...] = (),
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Train one core's network: the held-out balanced accuracy at 0, each of ``report_at`` and the
+    end, and (the feedback prototypes only) the held-out recall error relative to the cue's squared
+    norm at the same points."""
+    model = MatchModel(core, seed, shown, overrides)
     optimizer = th.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     test_obs, test_labels = _tensors(held_out, slice(None))
     scores: dict[int, float] = {}
+    recall: dict[int, float] = {}
 
     def score(step: int) -> None:
         with th.no_grad():
             scores[step] = balanced_accuracy(model(test_obs), test_labels)
+        if model.recall_error is not None:
+            recall[step] = model.recall_error
 
     score(0)
     n_episodes = pool.labels.shape[1]
@@ -201,7 +247,7 @@ def train(
         optimizer.step()
         if step in report_at or step == updates:
             score(step)
-    return scores
+    return scores, recall
 
 
 def main() -> None:
@@ -214,6 +260,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="steps kept of each episode")
     parser.add_argument("--shown", action="store_true", help="show the target at every step (the control)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="config overrides of every model, e.g. policy.forget_bias=3.0")
     args = parser.parse_args()
     th.set_num_threads(args.threads)
     env_id, overrides = (SHOWN_ENV, SHOWN_OVERRIDES) if args.shown else (ENV, [])
@@ -236,8 +283,19 @@ def main() -> None:
     for core in args.cores.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             start = time.perf_counter()
-            scores = train(core, seed, pool, held_out, args.updates, report_at=report_at, shown=args.shown)
-            cells = " | ".join(f"{scores[s]:.3f}" for s in report_at)
+            scores, recall = train(
+                core,
+                seed,
+                pool,
+                held_out,
+                args.updates,
+                report_at=report_at,
+                shown=args.shown,
+                overrides=tuple(args.overrides),
+            )
+            cells = " | ".join(
+                f"{scores[s]:.3f}" + (f" (recall {recall[s]:.2f})" if s in recall else "") for s in report_at
+            )
             print(f"| {core} | {seed} | {scores[0]:.3f} | {cells} | {time.perf_counter() - start:.0f} |", flush=True)
 
 

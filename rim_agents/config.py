@@ -73,6 +73,7 @@ class PolicyConfig:
     forget_bias: float = 0.0  # added at init to the cores' keep-gate bias (LSTM forget, GRU update gate)
     token_readout: bool = False  # heads also read each extractor token's match with a query from the core (minigrid)
     critic_shares_core: bool = False  # the critic reads the actor's core with gradient (the value loss trains it)
+    cue_recall: float = 0.0  # weight of a loss teaching the read-out's query the hidden target (needs token_readout)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -71,6 +71,7 @@ def policy_kwargs(config: TrainConfig, observation_space: spaces.Space | None = 
         "forget_bias": p.forget_bias,
         "token_readout": p.token_readout,
         "critic_shares_core": p.critic_shares_core,
+        "cue_recall": p.cue_recall,
         "net_arch": list(p.net_arch),
         "features_extractor_class": extractor_class(name),
         "features_extractor_kwargs": dict(p.features_extractor_kwargs),

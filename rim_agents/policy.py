@@ -17,6 +17,10 @@ sb3-contrib's. Differences:
 - ``token_readout``: the heads also read one score per token of the extractor (MiniGrid: per
   cell), the token's match with a query computed from the core's output, so a target the core
   remembers can be matched against what is seen by a dot product instead of by the heads' MLP;
+- ``cue_recall``: with ``token_readout`` on an env whose ``target`` can be hidden (the memory
+  variant), an auxiliary loss teaches each read-out's query the embedding of the target last shown
+  in the episode while it is hidden, so the core learns to keep the cue under a dense signal and
+  the read-out's scores carry the match the decision needs (``RIMPPO`` stores the cue per step);
 - the constructor parameters include the core's, so ``policy.save`` / ``load`` round-trips;
 - with ``selection="sampled"`` RIMs, the actor's choice of active RIMs is part of the action:
   :meth:`forward` (collecting) draws it, adds its log-probability to the action's and keeps it
@@ -45,7 +49,7 @@ from torch import nn
 from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, add_forget_bias, build_core, core_hidden_size, unroll
 from rim_agents.normalization import NormalizedObservations
-from rim_agents.rim import RIMCore, SelectionRequest
+from rim_agents.rim import AddAuxiliaryLoss, RIMCore, SelectionRequest
 
 
 class RIMPolicy(RecurrentActorCriticPolicy):
@@ -80,6 +84,13 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         ``shared_lstm`` reads it without gradient). Implemented as ``enable_critic_lstm`` with
         ``lstm_critic`` the actor's own module: the critic's state runs alongside, always equal to
         the actor's. Refused with ``shared_lstm``.
+    :param cue_recall: weight of the cue-recall loss (0: none): at every step where the
+        observation's ``target`` is hidden and the episode showed one before, the squared distance
+        between each read-out's query and the shown target's embedding (the extractor's
+        ``target_embedding``, without gradient), averaged over those steps and added to PPO's loss.
+        Needs ``token_readout``, an extractor with ``target_embedding`` (``minigrid`` with
+        ``target_match``) and a ``MultiDiscrete`` ``target`` whose last indices mean hidden (the
+        pickup envs with ``cue_steps``); trained by ``RIMPPO`` with an integer ``seq_len``.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -100,6 +111,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         forget_bias: float = 0.0,
         token_readout: bool = False,
         critic_shares_core: bool = False,
+        cue_recall: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if core not in CORES:
@@ -137,6 +149,16 @@ class RIMPolicy(RecurrentActorCriticPolicy):
                     "gradient): set one"
                 )
             enable_critic_lstm = True
+        self.cue_recall = float(cue_recall)
+        if self.cue_recall < 0:
+            raise ValueError(f"cue_recall={cue_recall} must be >= 0 (the weight of the cue-recall loss)")
+        if self.cue_recall > 0:
+            _check_cue_recall(observation_space, token_readout)
+        #: Set by :meth:`evaluate_actions` for :meth:`_process_sequence`: the shown target of every
+        #: step, one-hot ``(M, n_types + n_colours)``, and where the recall is scored ``(M,)``.
+        self._cue: tuple[th.Tensor, th.Tensor] | None = None
+        #: The last training pass's recall errors relative to the cue's squared norm, per core.
+        self.recall_errors: list[th.Tensor] = []
         self.token_readout = token_readout
         self.readout_shape: tuple[int, int] | None = None  # set with the heads, from the extractor
         if token_readout:
@@ -200,6 +222,11 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
                 self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
             )
+        if self.cue_recall > 0 and not getattr(self.pi_features_extractor, "target_match", False):
+            raise ValueError(
+                "cue_recall needs an extractor that embeds the target like the cells: use features_extractor "
+                "minigrid with features_extractor_kwargs.target_match=true"
+            )
         self.forget_bias = forget_bias
         self._last_selection: th.Tensor | None = None  # a sampled core's last draw (see pop_selection)
         for module in self.cores():
@@ -236,6 +263,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             forget_bias=self.forget_bias,
             token_readout=self.token_readout,
             critic_shares_core=self.critic_shares_core,
+            cue_recall=self.cue_recall,
         )
         if self.token_readout:  # the policy asks its extractor for the tokens itself
             data["features_extractor_kwargs"] = {
@@ -302,6 +330,22 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         """sb3-contrib's ``evaluate_actions``; a sampled core replays the stored choices
         (``lstm_states.selection``, ``(n_seq * T, K)`` sequence-major) and their log-probability
         joins the action's."""
+        cue = getattr(lstm_states, "cue", None)
+        if self.cue_recall > 0:
+            if cue is None:
+                raise ValueError(
+                    "cue_recall needs the shown target of every step: train with RIMPPO and an integer seq_len "
+                    "(its chunk sampler stores them)"
+                )
+            self._cue = cue
+        try:
+            return self._evaluate_actions(obs, actions, lstm_states, episode_starts)
+        finally:
+            self._cue = None
+
+    def _evaluate_actions(
+        self, obs: th.Tensor, actions: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         core = self.sampled_core()
         if core is None:
             return super().evaluate_actions(obs, actions, lstm_states, episode_starts)
@@ -350,7 +394,50 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         n_tokens, width = self.readout_shape
         query = readout(out)  # (M, E)
         scores = th.einsum("mne,me->mn", tokens.reshape(-1, n_tokens, width), query) / math.sqrt(width)
-        return th.cat([out, scores], dim=-1), states
+        latent = th.cat([out, scores], dim=-1)
+        if self._cue is not None:
+            loss = self._recall_loss(query, lstm)
+            if loss.requires_grad:
+                latent = AddAuxiliaryLoss.apply(latent, loss)
+        return latent, states
+
+    def _recall_loss(self, query: th.Tensor, core: nn.Module) -> th.Tensor:
+        """``cue_recall`` times the mean squared distance between the query and the shown target's
+        embedding over the steps where it is scored; its error relative to the target's squared norm
+        joins :attr:`recall_errors`."""
+        assert self._cue is not None
+        one_hot, scored = self._cue
+        critic = core is self.lstm_critic and core is not self.lstm_actor
+        extractor = (
+            self.vf_features_extractor if critic and not self.share_features_extractor else self.pi_features_extractor
+        )
+        with th.no_grad():
+            cue = extractor.target_embedding(one_hot)  # type: ignore[operator]  # MiniGridExtractor's, (M, E)
+        weight = scored.to(query.dtype)
+        n = weight.sum().clamp(min=1.0)
+        error = ((query - cue) ** 2).sum(dim=-1)
+        self.recall_errors.append(
+            (error.detach() * weight).sum() / ((cue**2).sum(dim=-1) * weight).sum().clamp(min=1e-8)
+        )
+        return self.cue_recall * (error * weight).sum() / n
+
+
+def _check_cue_recall(observation_space: gym.spaces.Space, token_readout: bool) -> None:
+    """Refuse ``cue_recall`` where it has nothing to recall or no query to teach."""
+    if not token_readout:
+        raise ValueError("cue_recall teaches the read-out's query: set policy.token_readout=true")
+    target = observation_space.spaces.get("target") if isinstance(observation_space, gym.spaces.Dict) else None
+    if not isinstance(target, gym.spaces.MultiDiscrete):
+        raise ValueError(
+            "cue_recall needs a 'target' (MultiDiscrete) in the observation that can be hidden: use a "
+            "RIMAgents/PickupCue env or a pickup env with cue_steps"
+        )
+
+
+def cue_hidden(target: np.ndarray, space: gym.spaces.MultiDiscrete) -> np.ndarray:
+    """Which of a batch of ``target`` observations ``(..., n)`` are hidden: every entry at its last
+    index (the pickup envs' convention with ``cue_steps``)."""
+    return np.all(target == np.asarray(space.nvec) - 1, axis=-1)
 
 
 def _no_readout_tokens(extractor: str) -> ValueError:

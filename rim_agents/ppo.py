@@ -10,7 +10,10 @@ per-step loop. Our cores take episode starts *inside* a sequence (see
   core state stored during the rollout, with episode starts passed to the core where they fall;
 - no padding, so the CNN sees exactly ``batch_size`` observations and the loss mask is all ones;
 - with a ``selection="sampled"`` RIM core, each step's drawn choice of RIMs is stored beside the
-  action and handed back with its chunk (``lstm_states.selection``) for the policy to replay.
+  action and handed back with its chunk (``lstm_states.selection``) for the policy to replay;
+- with a policy's ``cue_recall``, each step's last shown ``target`` of its episode is stored (a
+  latch per env, kept across rollouts) with whether the recall is scored there (the target hidden
+  and shown earlier in the episode), handed back as ``lstm_states.cue``.
 
 ``seq_len=None`` keeps sb3-contrib's sampler.
 """
@@ -33,10 +36,11 @@ from sb3_contrib.common.recurrent.type_aliases import (
     RNNStates,
 )
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from rim_agents.normalization import ScaleReward
-from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
+from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy, cue_hidden
 
 AUTO_MIN_SEQ_LEN = 8
 _STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
@@ -44,17 +48,22 @@ _FLAT_ARRAYS = ("actions", "values", "log_probs", "advantages", "returns", "epis
 
 
 class SelectionStates(RNNStates):
-    """``RNNStates`` carrying the stored choices of RIMs of a minibatch: ``selection``
-    ``(n_seq * T, K)``, sequence-major (see ``RIMPolicy.evaluate_actions``)."""
+    """``RNNStates`` carrying what the chunk sampler stored beside the states, sequence-major (see
+    ``RIMPolicy.evaluate_actions``): the choices of RIMs ``selection`` ``(n_seq * T, K)``, and
+    ``cue``, the last shown target one-hot ``(n_seq * T, sum(nvec))`` with where it is scored
+    ``(n_seq * T,)``."""
 
     selection: th.Tensor | None = None
+    cue: tuple[th.Tensor, th.Tensor] | None = None
 
 
 class _ChunkSampler:
     """Mixin for sb3-contrib's recurrent rollout buffers: fixed-length chunks, no padding.
 
     With ``selection_source`` (a sampled RIM core's ``RIMPolicy.pop_selection``), every ``add``
-    also stores the choice of RIMs the policy just drew, ``selection_width`` (K) entries.
+    also stores the choice of RIMs the policy just drew, ``selection_width`` (K) entries. With
+    ``cue_space`` (the observation's ``target`` space), every ``add`` also stores the target last
+    shown in each env's episode (see the module docstring).
     """
 
     buffer_size: int
@@ -64,6 +73,8 @@ class _ChunkSampler:
     full: bool
     observations: Any
     selections: np.ndarray | None = None
+    cues: np.ndarray | None = None
+    cue_scored: np.ndarray | None = None
 
     def __init__(
         self,
@@ -71,21 +82,39 @@ class _ChunkSampler:
         seq_len: int,
         selection_source: Callable[[], np.ndarray] | None = None,
         selection_width: int = 0,
+        cue_space: spaces.MultiDiscrete | None = None,
         **kwargs: Any,
     ) -> None:
         self.seq_len = seq_len
         self.selection_source, self.selection_width = selection_source, selection_width
+        self.cue_space = cue_space
         super().__init__(*args, **kwargs)  # the buffer's own; it calls reset()
+        if cue_space is not None:  # the latch outlives rollouts: an episode can span two
+            self._latch = np.zeros((self.n_envs, len(cue_space.nvec)), dtype=np.int64)
+            self._latched = np.zeros(self.n_envs, dtype=bool)
 
     def reset(self) -> None:
         super().reset()  # type: ignore[misc]
         if self.selection_source is not None:
             self.selections = np.full((self.buffer_size, self.n_envs, self.selection_width), -1, dtype=np.int64)
+        if self.cue_space is not None:
+            self.cues = np.zeros((self.buffer_size, self.n_envs, len(self.cue_space.nvec)), dtype=np.int64)
+            self.cue_scored = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         if self.selection_source is not None:
             assert self.selections is not None
             self.selections[self.pos] = self.selection_source()
+        if self.cue_space is not None:
+            assert self.cues is not None and self.cue_scored is not None
+            obs, episode_start = args[0], np.asarray(args[3], dtype=bool)
+            target = np.asarray(obs["target"]).reshape(self.n_envs, -1)
+            hidden = cue_hidden(target, self.cue_space)
+            self._latched[episode_start] = False  # a new episode: the last one's cue is gone
+            self._latch[~hidden] = target[~hidden]
+            self._latched[~hidden] = True
+            self.cues[self.pos] = self._latch
+            self.cue_scored[self.pos] = hidden & self._latched
         super().add(*args, **kwargs)  # type: ignore[misc]
 
     def _prepare(self) -> None:
@@ -97,6 +126,9 @@ class _ChunkSampler:
             self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])  # type: ignore[attr-defined]
         if self.selections is not None:
             self.selections = self.swap_and_flatten(self.selections)  # type: ignore[attr-defined]
+        if self.cues is not None and self.cue_scored is not None:
+            self.cues = self.swap_and_flatten(self.cues)  # type: ignore[attr-defined]
+            self.cue_scored = self.swap_and_flatten(self.cue_scored)  # type: ignore[attr-defined]
         if isinstance(self.observations, dict):
             for key, obs in self.observations.items():
                 self.observations[key] = self.swap_and_flatten(obs)  # type: ignore[attr-defined]
@@ -138,6 +170,10 @@ class _ChunkSampler:
         )
         if self.selections is not None:
             lstm_states.selection = to_torch(self.selections[inds])
+        if self.cue_space is not None and self.cues is not None and self.cue_scored is not None:
+            one_hot = preprocess_obs(to_torch(self.cues[inds]), self.cue_space)
+            assert isinstance(one_hot, th.Tensor)
+            lstm_states.cue = (one_hot, to_torch(self.cue_scored[inds].ravel()))
         return sample_cls(
             observations=observations,
             actions=to_torch(self.actions[inds]),  # type: ignore[attr-defined]
@@ -268,6 +304,9 @@ class RIMPPO(RecurrentPPO):
                 core.release_graphs()
             if losses:
                 self.logger.record("rims/balance_loss", th.stack(losses).mean().item())
+            if self.policy.recall_errors:
+                self.logger.record("train/cue_recall_error", th.stack(self.policy.recall_errors).mean().item())
+                self.policy.recall_errors.clear()
 
     def _setup_model(self) -> None:
         super()._setup_model()
@@ -282,11 +321,17 @@ class RIMPPO(RecurrentPPO):
         source, width = None, 0
         if isinstance(self.policy, RIMPolicy) and (sampled := self.policy.sampled_core()) is not None:
             source, width = self.policy.pop_selection, sampled.cell.num_units
+        cue_space: spaces.MultiDiscrete | None = None
+        if isinstance(self.policy, RIMPolicy) and self.policy.cue_recall > 0:
+            assert isinstance(self.observation_space, spaces.Dict)
+            target = self.observation_space["target"]
+            assert isinstance(target, spaces.MultiDiscrete)  # RIMPolicy checked it
+            cue_space = target
         if self.seq_len is None:
-            if source is not None:
+            if source is not None or cue_space is not None:
+                what = "selection='sampled'" if source is not None else "cue_recall"
                 raise ValueError(
-                    "selection='sampled' needs RIMPPO's chunk sampler to store the choices of RIMs: set an "
-                    "integer seq_len (or 'auto')"
+                    f"{what} needs RIMPPO's chunk sampler to store what it replays: set an integer seq_len (or 'auto')"
                 )
             return
         lstm: Any = self.policy.lstm_actor
@@ -308,4 +353,5 @@ class RIMPPO(RecurrentPPO):
             seq_len=self.seq_len,
             selection_source=source,
             selection_width=width,
+            cue_space=cue_space,
         )
