@@ -188,7 +188,7 @@ class MatchModel(th.nn.Module):
             out, (h, c) = core(x[None], (h, c))
             outs.append(th.cat([out[0], x], dim=-1) if self.skip else out[0])
         self.aux_loss = th.stack(errors).mean() if self.recall_loss else None
-        self.recall_error = float(th.stack(errors).detach().mean() / th.stack(norms).mean())
+        self.recall_error = None if self.oracle else float(th.stack(errors).detach().mean() / th.stack(norms).mean())
         return self.head(th.stack(outs)).squeeze(-1)
 
 
