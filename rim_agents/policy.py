@@ -329,7 +329,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """sb3-contrib's ``evaluate_actions``; a sampled core replays the stored choices
         (``lstm_states.selection``, ``(n_seq * T, K)`` sequence-major) and their log-probability
-        joins the action's."""
+        joins the action's; with ``cue_recall`` the stored shown targets (``lstm_states.cue``) give
+        each read-out its recall loss, joined to the latent by :class:`AddAuxiliaryLoss` so that
+        PPO's backward pass trains it."""
         cue = getattr(lstm_states, "cue", None)
         if self.cue_recall > 0:
             if cue is None:
