@@ -42,7 +42,7 @@ import numpy as np
 import torch as th
 import yaml
 
-from rim_agents.config import TrainConfig, flat_keys, load_config, read_yaml, yaml_error_text
+from rim_agents.config import TrainConfig, env_family, flat_keys, load_config, read_yaml, yaml_error_text
 from rim_agents.errors import UsageError
 from rim_agents.evaluation import (
     CheckpointResult,
@@ -67,6 +67,7 @@ from rim_agents.runs import (
     study_run_dir,
     train_seconds,
 )
+from rim_agents.shifts import parse_shift
 from rim_agents.stats import bootstrap_ci, iqm
 from rim_agents.training import train
 
@@ -121,6 +122,7 @@ class EnvSpec:
     steps: int | None = None
     overrides: tuple[str, ...] = ()
     bars: dict[str, tuple[Bar, ...]] = field(default_factory=dict)  # variant (or "default") -> its bars
+    shifts: tuple[str, ...] | None = None  # this env's evaluation shifts instead of the study's
 
     def bar(self, variant: str, core: str) -> tuple[Bar, ...]:
         """The bars a seed of ``variant`` must all pass (none: no bar)."""
@@ -170,6 +172,27 @@ class StudySpec:
     retries: int = 2
     gpus_per_run: float = 0.0
     source: dict[str, Any] = field(default_factory=dict)  # the YAML as read
+
+
+def _shifts(value: Any) -> str | tuple[str, ...]:
+    """``all``, a list of shift names or one comma-separated string of them."""
+    if isinstance(value, list):
+        return tuple(str(s) for s in value)
+    return "all" if value == "all" else tuple(s for s in str(value).split(",") if s)
+
+
+def _check_shifts(shifts: tuple[str, ...], env_id: str, env_kwargs: dict[str, Any], where: str) -> None:
+    """Refuse, when the spec is read, a shift that the env cannot take (e.g. ``cue-0`` without a cue)."""
+    for name in shifts:
+        try:
+            parse_shift(name, env_family(env_id), env_kwargs, env_id)
+        except (UsageError, ValueError) as e:
+            raise UsageError(f"{where}: {e}") from None
+
+
+def env_evaluation(spec: StudySpec, env: EnvSpec) -> EvalSpec:
+    """The evaluation settings of ``env``'s runs: the study's, with the env's own shifts if it has any."""
+    return spec.evaluation if env.shifts is None else dataclasses.replace(spec.evaluation, shifts=env.shifts)
 
 
 def parse_seeds(value: Any, where: str) -> tuple[int, ...]:
@@ -251,7 +274,7 @@ def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
     envs = []
     for env_name, raw in envs_raw.items():
         where = f"envs.{env_name}"
-        e = _mapping(raw, where, {"env", "env_kwargs", "steps", "overrides", "bars"}, {"env"})
+        e = _mapping(raw, where, {"env", "env_kwargs", "steps", "overrides", "bars", "shifts"}, {"env"})
         kwargs = e.get("env_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise UsageError(f"{where}.env_kwargs must be a mapping")
@@ -263,6 +286,13 @@ def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
             for k, v in bars_raw.items()
         }
         env_steps = _positive_int(e["steps"], f"{where}.steps") if "steps" in e else None
+        env_shifts: tuple[str, ...] | None = None
+        if "shifts" in e:
+            listed = _shifts(e["shifts"])
+            if isinstance(listed, str) or not listed:
+                raise UsageError(f"{where}.shifts must list shift names, e.g. [none, cue-0]")
+            _check_shifts(listed, str(e["env"]), dict(kwargs), f"{where}.shifts")
+            env_shifts = listed
         envs.append(
             EnvSpec(
                 str(env_name),
@@ -271,6 +301,7 @@ def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
                 env_steps,
                 _overrides(e.get("overrides"), f"{where}.overrides"),
                 bars,
+                env_shifts,
             )
         )
     variants_raw = d["variants"]
@@ -286,13 +317,8 @@ def spec_from_dict(data: Any, name: str = "study") -> StudySpec:
             VariantSpec(str(var_name), core, _overrides(v.get("overrides"), f"{where}.overrides"), variant_seeds)
         )
     ev = _mapping(d.get("evaluation") or {}, "evaluation", {"shifts", "episodes", "seed", "deterministic", "n_envs"})
-    shifts = ev.get("shifts", "all")
-    if isinstance(shifts, list):
-        shifts = tuple(str(s) for s in shifts)
-    elif shifts != "all":
-        shifts = tuple(s for s in str(shifts).split(",") if s)
     evaluation = EvalSpec(
-        shifts,
+        _shifts(ev.get("shifts", "all")),
         _positive_int(ev.get("episodes", 100), "evaluation.episodes"),
         int(ev.get("seed", 1_000_000)),
         bool(ev.get("deterministic", False)),
@@ -805,7 +831,7 @@ def _drive(
             run["attempts"] += 1
             ref = train_task.remote(str(p.run_dir), p.config, str(p.log))
         else:
-            ref = eval_task.remote(str(p.run_dir), spec.evaluation, str(p.evaluation_file))
+            ref = eval_task.remote(str(p.run_dir), env_evaluation(spec, p.env), str(p.evaluation_file))
         in_flight[ref] = (kind, key, time.time())
 
     def handle_sigterm(signum: int, frame: Any) -> None:

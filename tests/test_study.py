@@ -4,6 +4,7 @@ started again."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import yaml
 from rim_agents.cli import study_main
 from rim_agents.errors import UsageError
 from rim_agents.runs import CHECKPOINT_DIR, FINAL_MODEL, LOCK_FILE, checkpoint_step
-from rim_agents.study import Bar, load_spec, parse_seeds, plan_runs, spec_from_dict
+from rim_agents.study import Bar, env_evaluation, load_spec, parse_seeds, plan_runs, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1"]
@@ -66,6 +67,8 @@ def test_seeds_are_read_as_ranges_lists_or_one_integer() -> None:
         ({"tune": {"seeds": [0], "space": {"ppo.learning_rate": {"uniform": [0, 1]}}}}, "must differ"),
         ({"tune": {"space": {"ppo.learning_rate": {"gauss": [0, 1]}}}}, "tune.space.ppo.learning_rate"),
         ({"envs": {"p": {"env": "X", "bars": {"default": {"metric": "success"}}}}}, "needs min or max"),
+        ({"envs": {"p": {"env": "RIMAgents/Pickup-6x6-v0", "shifts": ["cue-0"]}}}, "envs.p.shifts: shift cue-0 needs"),
+        ({"envs": {"p": {"env": "RIMAgents/Pickup-6x6-v0", "shifts": "all"}}}, "envs.p.shifts must list shift names"),
     ],
 )
 def test_bad_specs_get_one_line_naming_the_key(change: dict, message: str) -> None:
@@ -88,6 +91,18 @@ def test_plans_are_seed_major_with_each_variants_overrides(tmp_path: Path) -> No
     assert {p.config.env_options.env_kwargs["num_distractors"] for p in plans} == {1}
     assert [p.config.seed for p in plans] == [0, 0, 1, 1, 1]
     assert plans[0].run_dir == tmp_path / "runs" / "pickup" / "rims" / "s0"
+
+
+def test_an_env_can_have_its_own_shifts() -> None:
+    """The memory variant is evaluated under its cue shifts too; other envs keep the study's."""
+    data = tiny_spec()
+    data["envs"]["cue"] = {"env": "RIMAgents/PickupCue-6x6-v0", "shifts": "none,cue-0,novel-distractors"}
+    spec = spec_from_dict(data)
+    pickup, cue = spec.envs
+    assert pickup.shifts is None and cue.shifts == ("none", "cue-0", "novel-distractors")
+    assert env_evaluation(spec, pickup) == spec.evaluation
+    assert env_evaluation(spec, cue).shifts == cue.shifts
+    assert dataclasses.replace(env_evaluation(spec, cue), shifts=spec.evaluation.shifts) == spec.evaluation
 
 
 def test_a_bar_passes_values_inside_its_bounds() -> None:
