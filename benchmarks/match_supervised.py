@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from memory_probe import front_is_target  # noqa: E402
 
 from rim_agents.config import load_config  # noqa: E402
+from rim_agents.envs.pickup import target_hidden  # noqa: E402
 from rim_agents.models import build_model, make_env  # noqa: E402
 
 ENV = "RIMAgents/PickupCue-6x6-v0"
@@ -150,16 +151,13 @@ class MatchModel(th.nn.Module):
         states = (th.zeros(shape), th.zeros(shape))
         starts = th.zeros(B, T)
         starts[:, 0] = 1
-        if policy.cue_recall > 0:  # the policy's recall loss, scored after the cue (as RIMPPO stores it)
+        recall = None
+        if policy.cue_recall > 0:  # the policy's recall loss: the cue (t = 0), scored where it is hidden
             cue = flat["target"].view(B, T, -1)[:, :1].expand(B, T, -1).flatten(0, 1)
-            scored = th.ones(B, T, dtype=th.bool)
-            scored[:, 0] = False
-            space = policy.observation_space["target"]
-            policy._cue = (preprocess_obs(cue, space), scored.flatten())
-        try:
+            scored = th.as_tensor(target_hidden(flat["target"].numpy()))
+            recall = (preprocess_obs(cue, policy.observation_space["target"]), scored)
+        with policy.recalling(recall):
             latent, _ = policy._process_sequence(features, states, starts.flatten(), core)
-        finally:
-            policy._cue = None
         if policy.recall_errors:
             self.recall_error = float(policy.recall_errors[-1])
             policy.recall_errors.clear()

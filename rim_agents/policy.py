@@ -32,9 +32,11 @@ sb3-contrib's. Differences:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -89,8 +91,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         between each read-out's query and the shown target's embedding (the extractor's
         ``target_embedding``, without gradient), averaged over those steps and added to PPO's loss.
         Needs ``token_readout``, an extractor with ``target_embedding`` (``minigrid`` with
-        ``target_match``) and a ``MultiDiscrete`` ``target`` whose last indices mean hidden (the
-        pickup envs with ``cue_steps``); trained by ``RIMPPO`` with an integer ``seq_len``.
+        ``target_match``) and a pickup env's ``MultiDiscrete`` ``target`` (hidden as
+        :data:`rim_agents.envs.pickup.HIDDEN_TARGET` with ``cue_steps``; where it is never hidden
+        nothing is scored); trained by ``RIMPPO`` with an integer ``seq_len``.
     :param kwargs: ``RecurrentActorCriticPolicy``'s other arguments (``net_arch``,
         ``features_extractor_class``, ...).
     """
@@ -154,8 +157,7 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             raise ValueError(f"cue_recall={cue_recall} must be >= 0 (the weight of the cue-recall loss)")
         if self.cue_recall > 0:
             _check_cue_recall(observation_space, token_readout)
-        #: Set by :meth:`evaluate_actions` for :meth:`_process_sequence`: the shown target of every
-        #: step, one-hot ``(M, n_types + n_colours)``, and where the recall is scored ``(M,)``.
+        #: Set by :meth:`recalling` for :meth:`_process_sequence`.
         self._cue: tuple[th.Tensor, th.Tensor] | None = None
         #: The last training pass's recall errors relative to the cue's squared norm, per core.
         self.recall_errors: list[th.Tensor] = []
@@ -333,15 +335,22 @@ class RIMPolicy(RecurrentActorCriticPolicy):
         each read-out its recall loss, joined to the latent by :class:`AddAuxiliaryLoss` so that
         PPO's backward pass trains it."""
         cue = getattr(lstm_states, "cue", None)
-        if self.cue_recall > 0:
-            if cue is None:
-                raise ValueError(
-                    "cue_recall needs the shown target of every step: train with RIMPPO and an integer seq_len "
-                    "(its chunk sampler stores them)"
-                )
-            self._cue = cue
-        try:
+        if self.cue_recall > 0 and cue is None:
+            raise ValueError(
+                "cue_recall needs the shown target of every step: train with RIMPPO and an integer seq_len "
+                "(its chunk sampler stores them)"
+            )
+        with self.recalling(cue if self.cue_recall > 0 else None):
             return self._evaluate_actions(obs, actions, lstm_states, episode_starts)
+
+    @contextlib.contextmanager
+    def recalling(self, cue: tuple[th.Tensor, th.Tensor] | None) -> Iterator[None]:
+        """Within the block, every read-out of :meth:`_process_sequence` adds its recall loss for
+        ``cue``: the shown target of each step, one-hot ``(M, n_types + n_colours)``
+        sequence-major, and where it is scored ``(M,)`` (None: no loss)."""
+        self._cue = cue
+        try:
+            yield
         finally:
             self._cue = None
 
@@ -434,12 +443,6 @@ def _check_cue_recall(observation_space: gym.spaces.Space, token_readout: bool) 
             "cue_recall needs a 'target' (MultiDiscrete) in the observation that can be hidden: use a "
             "RIMAgents/PickupCue env or a pickup env with cue_steps"
         )
-
-
-def cue_hidden(target: np.ndarray, space: gym.spaces.MultiDiscrete) -> np.ndarray:
-    """Which of a batch of ``target`` observations ``(..., n)`` are hidden: every entry at its last
-    index (the pickup envs' convention with ``cue_steps``)."""
-    return np.all(target == np.asarray(space.nvec) - 1, axis=-1)
 
 
 def _no_readout_tokens(extractor: str) -> ValueError:

@@ -12,8 +12,9 @@ per-step loop. Our cores take episode starts *inside* a sequence (see
 - with a ``selection="sampled"`` RIM core, each step's drawn choice of RIMs is stored beside the
   action and handed back with its chunk (``lstm_states.selection``) for the policy to replay;
 - with a policy's ``cue_recall``, each step's last shown ``target`` of its episode is stored (a
-  latch per env, kept across rollouts) with whether the recall is scored there (the target hidden
-  and shown earlier in the episode), handed back as ``lstm_states.cue``.
+  latch per env, kept across rollouts; hidden until the episode shows one) and handed back as
+  ``lstm_states.cue`` with where the recall is scored: the observed target hidden, the latched one
+  not.
 
 ``seq_len=None`` keeps sb3-contrib's sampler.
 """
@@ -39,8 +40,9 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.save_util import load_from_zip_file
 
+from rim_agents.envs.pickup import HIDDEN_TARGET, target_hidden
 from rim_agents.normalization import ScaleReward
-from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy, cue_hidden
+from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
 
 AUTO_MIN_SEQ_LEN = 8
 _STATE_ARRAYS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
@@ -74,7 +76,6 @@ class _ChunkSampler:
     observations: Any
     selections: np.ndarray | None = None
     cues: np.ndarray | None = None
-    cue_scored: np.ndarray | None = None
 
     def __init__(
         self,
@@ -90,32 +91,35 @@ class _ChunkSampler:
         self.cue_space = cue_space
         super().__init__(*args, **kwargs)  # the buffer's own; it calls reset()
         if cue_space is not None:  # the latch outlives rollouts: an episode can span two
-            self._latch = np.zeros((self.n_envs, len(cue_space.nvec)), dtype=np.int64)
-            self._latched = np.zeros(self.n_envs, dtype=bool)
+            self._latch = np.tile(np.array(HIDDEN_TARGET, dtype=np.int64), (self.n_envs, 1))
 
     def reset(self) -> None:
         super().reset()  # type: ignore[misc]
         if self.selection_source is not None:
             self.selections = np.full((self.buffer_size, self.n_envs, self.selection_width), -1, dtype=np.int64)
         if self.cue_space is not None:
-            self.cues = np.zeros((self.buffer_size, self.n_envs, len(self.cue_space.nvec)), dtype=np.int64)
-            self.cue_scored = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
+            self.cues = np.zeros((self.buffer_size, self.n_envs, len(HIDDEN_TARGET)), dtype=np.int64)
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         if self.selection_source is not None:
             assert self.selections is not None
             self.selections[self.pos] = self.selection_source()
         if self.cue_space is not None:
-            assert self.cues is not None and self.cue_scored is not None
+            assert self.cues is not None
             obs, episode_start = args[0], np.asarray(args[3], dtype=bool)
             target = np.asarray(obs["target"]).reshape(self.n_envs, -1)
-            hidden = cue_hidden(target, self.cue_space)
-            self._latched[episode_start] = False  # a new episode: the last one's cue is gone
-            self._latch[~hidden] = target[~hidden]
-            self._latched[~hidden] = True
+            self._latch[episode_start] = HIDDEN_TARGET  # a new episode: the last one's cue is gone
+            shown = ~target_hidden(target)
+            self._latch[shown] = target[shown]
             self.cues[self.pos] = self._latch
-            self.cue_scored[self.pos] = hidden & self._latched
         super().add(*args, **kwargs)  # type: ignore[misc]
+
+    @property
+    def cue_scored(self) -> np.ndarray:
+        """Where the stored cues are scored, shaped like them without the last axis: the observed
+        target hidden and the latched one not (the episode showed one)."""
+        assert self.cues is not None
+        return target_hidden(self.observations["target"]) & ~target_hidden(self.cues)
 
     def _prepare(self) -> None:
         # (n_steps, n_layers, n_envs, dim) -> (n_steps, n_envs, n_layers, dim), then every array
@@ -126,9 +130,8 @@ class _ChunkSampler:
             self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])  # type: ignore[attr-defined]
         if self.selections is not None:
             self.selections = self.swap_and_flatten(self.selections)  # type: ignore[attr-defined]
-        if self.cues is not None and self.cue_scored is not None:
+        if self.cues is not None:
             self.cues = self.swap_and_flatten(self.cues)  # type: ignore[attr-defined]
-            self.cue_scored = self.swap_and_flatten(self.cue_scored)  # type: ignore[attr-defined]
         if isinstance(self.observations, dict):
             for key, obs in self.observations.items():
                 self.observations[key] = self.swap_and_flatten(obs)  # type: ignore[attr-defined]
@@ -170,7 +173,7 @@ class _ChunkSampler:
         )
         if self.selections is not None:
             lstm_states.selection = to_torch(self.selections[inds])
-        if self.cue_space is not None and self.cues is not None and self.cue_scored is not None:
+        if self.cue_space is not None and self.cues is not None:
             one_hot = preprocess_obs(to_torch(self.cues[inds]), self.cue_space)
             assert isinstance(one_hot, th.Tensor)
             lstm_states.cue = (one_hot, to_torch(self.cue_scored[inds].ravel()))

@@ -127,10 +127,16 @@ def test_training_logs_the_recall_error_and_evaluation_is_unchanged() -> None:
 
 @pytest.mark.parametrize("core", ["rims", "gru"])
 def test_every_recurrent_core_trains_its_query_with_the_loss(core: str) -> None:
+    """The same seed without the loss ends elsewhere: the loss's gradient reached the query. (Each
+    model is built and trained before the next: building reseeds the global generators.)"""
     model = _model(core, n_envs=2)
     before = model.policy.readout_actor.weight.detach().clone()
     model.learn(64)
+    plain = _model(core, n_envs=2, coef=0.0)
+    assert th.equal(before, plain.policy.readout_actor.weight)
+    plain.learn(64)
     assert not th.equal(before, model.policy.readout_actor.weight)
+    assert not th.allclose(model.policy.readout_actor.weight, plain.policy.readout_actor.weight)
     assert model.logger.name_to_value["train/cue_recall_error"] > 0
 
 

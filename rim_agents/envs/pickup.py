@@ -18,6 +18,14 @@ TYPES = ("key", "ball", "box")
 COLOURS = tuple(sorted(COLOR_TO_IDX, key=COLOR_TO_IDX.__getitem__))  # red, green, blue, purple, yellow, grey
 _OBJECTS: dict[str, Any] = {"key": Key, "ball": Ball, "box": Box}
 Pair = tuple[str, str]
+#: The memory variant's ``target`` once the cue is gone: one past the last type and colour.
+HIDDEN_TARGET = (len(TYPES), len(COLOURS))
+
+
+def target_hidden(target: Any) -> np.ndarray:
+    """Which of a batch of ``target`` observations ``(..., 2)`` say "hidden" (:data:`HIDDEN_TARGET`)."""
+    return np.all(np.asarray(target) == HIDDEN_TARGET, axis=-1)
+
 
 #: Targets and training distractors: keys and balls in red, green or blue.
 TRAIN_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in ("key", "ball") for c in ("red", "green", "blue"))
@@ -265,7 +273,7 @@ class PickupEnv(MiniGridEnv):
             target = self._target_obs.copy()
             self.mission = f"pick up the {self.target[1]} {self.target[0]}"
         else:
-            target = np.array([len(TYPES), len(COLOURS)], dtype=np.int64)
+            target = np.array(HIDDEN_TARGET, dtype=np.int64)
             self.mission = "pick up the object you were shown"
         return {"image": image, "target": target}
 
