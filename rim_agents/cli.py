@@ -285,6 +285,14 @@ def study_parser() -> argparse.ArgumentParser:
     p.add_argument("--envs", help="run only these of the spec's envs (comma-separated)")
     p.add_argument("--variants", help="run only these of the spec's variants (comma-separated)")
     p.add_argument("--seeds", help="run only these of the spec's seeds, e.g. 0-4")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="STUDY_DIR",
+        help="link runs that this other study folder finished with the same settings, seed and budget "
+        "instead of training them again (repeatable)",
+    )
     return p
 
 
@@ -310,7 +318,7 @@ def study_main(argv: Sequence[str] | None = None) -> int:
             n = write_study_results(whole, out)
             print(f"results of {n} evaluated runs: {out / 'results'}")
             return 0
-        failed = run_study(spec, out, args.address, args.max_parallel, args.tune)
+        failed = run_study(spec, out, args.address, args.max_parallel, args.tune, reuse=[Path(r) for r in args.reuse])
         if spec != whole:  # the results cover every run of the spec evaluated so far, not only these
             write_study_results(whole, out)
     except UsageError as e:

@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from rim_agents.runs import (
     CONFIG_FILE,
     FINAL_MODEL,
     STUDY_FILE,
+    STUDY_RUNS_DIR,
     RunLock,
     atomic_write_bytes,
     atomic_write_text,
@@ -507,6 +508,48 @@ def check_existing(plan: RunPlan) -> None:
         )
 
 
+def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
+    """Link into this study every planned run that another study folder in ``sources`` has already
+    trained with the very same settings, seed and budget (whatever its env or variant is named
+    there), so that a study that only evaluates differently (other shifts) trains nothing again.
+    Unfinished runs are never linked: two studies would train one folder. Returns {key: source}."""
+    found: dict[tuple[str, int, int], Path] = {}
+    for source in sources:
+        for config_file in sorted((source / STUDY_RUNS_DIR).glob(f"*/*/s*/{CONFIG_FILE}")):
+            run_dir = config_file.parent
+            try:
+                saved = load_run_config(run_dir)
+            except UsageError:
+                continue
+            ident = json.dumps(saved.identity(), sort_keys=True, default=str)
+            found.setdefault((ident, saved.seed, trained_steps(run_dir)), run_dir.resolve())
+    linked: dict[str, Path] = {}
+    for plan in plans:
+        if plan.run_dir.exists() or plan.run_dir.is_symlink():
+            continue
+        ident = json.dumps(plan.config.identity(), sort_keys=True, default=str)
+        match = found.get((ident, plan.config.seed, plan.config.total_timesteps))
+        if match is None or match == plan.run_dir.resolve():
+            continue
+        plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        plan.run_dir.symlink_to(match, target_is_directory=True)
+        log = match.with_name(f"{match.name}.log")
+        if log.is_file():
+            plan.log.symlink_to(log)
+        linked[plan.key] = match
+    return linked
+
+
+def check_links(plans: list[RunPlan]) -> None:
+    """A run linked from another study is only evaluated here: it must be finished at this budget."""
+    for plan in plans:
+        if plan.run_dir.is_symlink() and not is_finished(plan.run_dir, plan.config.total_timesteps):
+            raise UsageError(
+                f"{plan.run_dir} is linked from another study ({plan.run_dir.resolve()}) and is not trained to "
+                f"{plan.config.total_timesteps} steps: finish it there, or remove the link to train it here"
+            )
+
+
 def trained_steps(run_dir: Path) -> int:
     """Env steps of the run's final model (0 when it has none)."""
     final = run_dir / FINAL_MODEL
@@ -742,14 +785,23 @@ def run_study(
     tune_trials: int = 0,
     write: Callable[[str], None] = print,
     progress_every: float = 60.0,
+    reuse: Sequence[Path] = (),
 ) -> int:
     """Run (or continue) the study in ``root``; return the number of runs that failed. One study
-    process at a time works in a folder (a second gets a one-line error)."""
-    plan_runs(spec, root)  # bad settings or a conflicting folder fail here, before Ray starts
+    process at a time works in a folder (a second gets a one-line error). Runs that the study
+    folders in ``reuse`` finished with the same settings are linked, not trained (:func:`reuse_runs`)."""
+    plans = plan_runs(spec, root)  # bad settings or a conflicting folder fail here, before Ray starts
+    for source in reuse:
+        if not (source / STUDY_FILE).is_file():
+            raise UsageError(f"--reuse {source} is not a study folder (no {STUDY_FILE}): give another study's --out")
     ray = _ray()
     root.mkdir(parents=True, exist_ok=True)
     lock = RunLock(root, "study.py", "give the study another --out").acquire()
     try:
+        if reuse:
+            linked = reuse_runs(plans, list(reuse))
+            write(f"reused {len(linked)} finished runs from {', '.join(map(str, reuse))}")
+        check_links(plans)
         return _run_locked(ray, spec, root, address, max_parallel, tune_trials, write, progress_every)
     finally:
         lock.release()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,16 @@ import yaml
 from rim_agents.cli import study_main
 from rim_agents.errors import UsageError
 from rim_agents.runs import CHECKPOINT_DIR, FINAL_MODEL, LOCK_FILE, checkpoint_step
-from rim_agents.study import Bar, env_evaluation, load_spec, parse_seeds, plan_runs, spec_from_dict
+from rim_agents.study import (
+    Bar,
+    check_links,
+    env_evaluation,
+    load_spec,
+    parse_seeds,
+    plan_runs,
+    reuse_runs,
+    spec_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["n_envs=2", "ppo.n_steps=16", "ppo.batch_size=16", "ppo.seq_len=8", "ppo.n_epochs=1"]
@@ -222,6 +232,57 @@ def test_a_study_folder_holding_other_settings_is_refused(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "holds a run with other settings (ppo.learning_rate differ)" in err
     assert not (out / "study.json").exists()
+
+
+def fake_finished_run(run_dir: Path, config: object, steps: int) -> None:
+    """A run folder as train.py leaves it, as far as a study reads it: its config and a final model."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))  # type: ignore[attr-defined]
+    with zipfile.ZipFile(run_dir / FINAL_MODEL, "w") as archive:
+        archive.writestr("data", json.dumps({"num_timesteps": steps}))
+    run_dir.with_name(f"{run_dir.name}.log").write_text("trained\n")
+
+
+def test_a_study_reuses_what_another_study_trained_with_the_same_settings_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The robustness study evaluates the learning study's runs under more shifts without training
+    them again: a run is linked when settings, seed and budget are equal, whatever its name there."""
+    source_spec = spec_from_dict(tiny_spec(128))
+    src = tmp_path / "learning"
+    (src / "study.json").parent.mkdir(parents=True)
+    (src / "study.json").write_text("{}")
+    by_key = {p.key: p for p in plan_runs(source_spec, src)}
+    fake_finished_run(src / "runs" / "room" / "rnn" / "s0", by_key["pickup/lstm/s0"].config, 128)  # renamed there
+    fake_finished_run(by_key["pickup/rims/s0"].run_dir, by_key["pickup/rims/s0"].config, 64)  # another budget
+    fake_finished_run(by_key["pickup/rims/s1"].run_dir, by_key["pickup/rims/s1"].config, 128)
+    other = by_key["pickup/lstm/s1"].config
+    other.ppo.learning_rate = 0.5  # other settings
+    fake_finished_run(by_key["pickup/lstm/s1"].run_dir, other, 128)
+    (by_key["pickup/rims/s1"].run_dir.parent / "s2").mkdir()  # an unfinished run: no model, not linked
+
+    out = tmp_path / "robustness"
+    plans = plan_runs(spec_from_dict(tiny_spec(128)), out)
+    linked = reuse_runs(plans, [src])
+    assert linked == {
+        "pickup/lstm/s0": (src / "runs" / "room" / "rnn" / "s0").resolve(),
+        "pickup/rims/s1": by_key["pickup/rims/s1"].run_dir.resolve(),
+    }
+    for plan in plans:
+        assert plan.run_dir.is_symlink() == (plan.key in linked)
+    assert (plans[1].run_dir.parent / "s0.log").read_text() == "trained\n"
+    check_links(plans)  # every link is finished at this budget
+    assert reuse_runs(plans, [src]) == {}  # started again: nothing new, nothing replaced
+
+    # A larger budget for the same folder: the linked run is not trained here, the start is refused.
+    with pytest.raises(UsageError, match=r"linked from another study .* not trained to 256 steps"):
+        check_links(plan_runs(spec_from_dict(tiny_spec(256)), out))
+    # --reuse of a folder that is no study: one line, exit 2, no study folder made.
+    spec = write_spec(tmp_path, tiny_spec(128))
+    assert study_main([str(spec), "--out", str(tmp_path / "new"), "--reuse", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a study folder" in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_tuning_gives_each_variant_its_own_best_settings_from_the_tuning_seeds(tmp_path: Path) -> None:
