@@ -510,7 +510,7 @@ def check_existing(plan: RunPlan) -> None:
 
 def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
     """Link into this study every planned run that another study folder in ``sources`` has already
-    trained with the very same settings, seed and budget (whatever its env or variant is named
+    trained to the end with the very same settings, seed and budget (whatever its env or variant is named
     there), so that a study that only evaluates differently (other shifts) trains nothing again.
     Unfinished runs are never linked: two studies would train one folder. Returns {key: source}."""
     found: dict[tuple[str, int, int], Path] = {}
@@ -521,8 +521,9 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
                 saved = load_run_config(run_dir)
             except UsageError:
                 continue
-            ident = json.dumps(saved.identity(), sort_keys=True, default=str)
-            found.setdefault((ident, saved.seed, trained_steps(run_dir)), run_dir.resolve())
+            if is_finished(run_dir, saved.total_timesteps):  # its last update may overshoot the budget
+                ident = json.dumps(saved.identity(), sort_keys=True, default=str)
+                found.setdefault((ident, saved.seed, saved.total_timesteps), run_dir.resolve())
     linked: dict[str, Path] = {}
     for plan in plans:
         if plan.run_dir.exists() or plan.run_dir.is_symlink():
@@ -800,7 +801,8 @@ def run_study(
     try:
         if reuse:
             linked = reuse_runs(plans, list(reuse))
-            write(f"reused {len(linked)} finished runs from {', '.join(map(str, reuse))}")
+            runs = "run" if len(linked) == 1 else "runs"
+            write(f"reused {len(linked)} finished {runs} from {', '.join(map(str, reuse))}")
         check_links(plans)
         return _run_locked(ray, spec, root, address, max_parallel, tune_trials, write, progress_every)
     finally:

@@ -254,8 +254,12 @@ def test_a_study_reuses_what_another_study_trained_with_the_same_settings_only(
     (src / "study.json").write_text("{}")
     by_key = {p.key: p for p in plan_runs(source_spec, src)}
     fake_finished_run(src / "runs" / "room" / "rnn" / "s0", by_key["pickup/lstm/s0"].config, 128)  # renamed there
-    fake_finished_run(by_key["pickup/rims/s0"].run_dir, by_key["pickup/rims/s0"].config, 64)  # another budget
-    fake_finished_run(by_key["pickup/rims/s1"].run_dir, by_key["pickup/rims/s1"].config, 128)
+    short = by_key["pickup/rims/s0"].config
+    short.total_timesteps = 64  # another budget
+    fake_finished_run(by_key["pickup/rims/s0"].run_dir, short, 64)
+    stopped = by_key["pickup/lstm/s0"].run_dir
+    fake_finished_run(stopped, by_key["pickup/lstm/s0"].config, 96)  # stopped before its budget (a model at 96)
+    fake_finished_run(by_key["pickup/rims/s1"].run_dir, by_key["pickup/rims/s1"].config, 136)  # overshot
     other = by_key["pickup/lstm/s1"].config
     other.ppo.learning_rate = 0.5  # other settings
     fake_finished_run(by_key["pickup/lstm/s1"].run_dir, other, 128)
