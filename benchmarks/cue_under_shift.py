@@ -7,7 +7,8 @@ target the episode showed (latched from the observations, as training stores it)
 recall error ``|q - e|^2 / |e|^2`` (0: the cue is held exactly; about 1 or more: it is lost). Under
 ``flicker-p`` the steps whose image was blanked and those that were seen are reported apart. For a
 RIM core it also reads which RIMs were active at those steps (share of steps per RIM, blanked and
-seen), so that one can see whether the RIMs that hold the cue sit out the blank frames.
+seen) and how often the active set changed from the step before within the episode (switch
+rate): whether the shift routes the input to RIMs other than those that hold the cue.
 
     python benchmarks/cue_under_shift.py runs/learning-cue/runs/pickup-cue/{lstm,rims}/s0 \\
         --shifts none,view-3,flicker-0.5 --episodes 100
@@ -47,6 +48,7 @@ class Recall:
     error_blank: list[float] = field(default_factory=list)  # hidden-target steps whose image was blanked
     active_seen: list[np.ndarray] = field(default_factory=list)  # (K,) masks, RIM cores only
     active_blank: list[np.ndarray] = field(default_factory=list)
+    switched: list[bool] = field(default_factory=list)  # the active set changed since the step before
 
 
 def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Recall:
@@ -66,6 +68,7 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
     obs = env.reset()
     starts = np.ones(n, dtype=bool)
     state = None
+    previous = None  # the RIM masks of the step before, (n, K)
     out = Recall(success=0.0, episodes=0)
     successes: list[bool] = []
     try:
@@ -77,17 +80,20 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
             actions, state = model.predict(obs, state=state, episode_start=starts, deterministic=False)
             assert len(queries) == 1, "one read-out of the actor per step"
             scored = target_hidden(obs["target"]) & ~target_hidden(latch)
+            mask = core.last_activity.mask[0].cpu().numpy() if core is not None else None
             if scored.any():
                 with th.no_grad():
                     one_hot = preprocess_obs(th.as_tensor(latch), cue_space)
                     cue = embed(one_hot)
                     error = ((queries[0] - cue) ** 2).sum(-1) / (cue**2).sum(-1)
                 blank = ~obs["image"].reshape(n, -1).any(axis=1)
-                mask = core.last_activity.mask[0].cpu().numpy() if core is not None else None
                 for i in np.flatnonzero(scored):
                     (out.error_blank if blank[i] else out.error_seen).append(float(error[i]))
                     if mask is not None:
                         (out.active_blank if blank[i] else out.active_seen).append(mask[i].astype(float))
+                        if previous is not None and not starts[i]:
+                            out.switched.append(bool((mask[i] != previous[i]).any()))
+            previous = mask
             obs, _, dones, infos = env.step(actions)
             for i in np.flatnonzero(dones):
                 successes.append(bool(infos[i].get("success", False)))
@@ -122,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     th.set_num_threads(1)
     rows = [
         "| run | shift | success | recall error, seen | recall error, blanked "
-        "| RIMs active, seen | RIMs active, blanked |",
-        "|---|---|---|---|---|---|---|",
+        "| RIMs active, seen | RIMs active, blanked | switch rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in args.runs:
         config = load_run_config(run)
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 env.close()
             rows.append(
                 f"| {run} | {shift} | {result.success:.2f} | {_mean(result.error_seen)} | {_mean(result.error_blank)} "
-                f"| {_shares(result.active_seen)} | {_shares(result.active_blank)} |"
+                f"| {_shares(result.active_seen)} | {_shares(result.active_blank)} | {_mean(result.switched)} |"
             )
             print(rows[-1], flush=True)
     table = "\n".join(rows) + "\n"

@@ -51,6 +51,8 @@ def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking(
     # The RIM masks are read at the same steps: k of K active at each.
     masks = np.array(lost.active_seen + lost.active_blank)
     assert masks.shape == (len(lost.error_seen) + len(lost.error_blank), 4) and (masks.sum(1) == 2).all()
+    # A switch is read against the step before in the same episode; a fresh core's near-even choice switches.
+    assert 0 < len(lost.switched) <= len(masks) and any(lost.switched)
     env.close()
 
     unshifted = make_env(config, 3, 7)
@@ -58,3 +60,13 @@ def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking(
     plain = measure(model, unshifted, episodes=3)
     assert plain.error_blank == [] and len(plain.error_seen) > 0 and max(plain.error_seen) < 1e-10
     unshifted.close()
+
+
+def test_all_active_rims_never_switch() -> None:
+    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8", "rims.k_active=4"]
+    config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=overrides)
+    env = make_env(config, 2, 3)
+    result = measure(build_model(config, env), env, episodes=2)
+    assert len(result.switched) > 0 and not any(result.switched)
+    assert np.allclose(np.mean(result.active_seen, axis=0), 1.0)
+    env.close()
