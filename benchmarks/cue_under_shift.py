@@ -7,8 +7,9 @@ target the episode showed (latched from the observations, as training stores it)
 recall error ``|q - e|^2 / |e|^2`` (0: the cue is held exactly; about 1 or more: it is lost). Under
 ``flicker-p`` the steps whose image was blanked and those that were seen are reported apart. For a
 RIM core it also reads which RIMs were active at those steps (share of steps per RIM, blanked and
-seen) and how often the active set changed from the step before within the episode (switch
-rate): whether the shift routes the input to RIMs other than those that hold the cue.
+seen, and at the steps that show the cue) and how often the active set changed between two
+consecutive hidden-target steps of an episode (switch rate): whether the shift routes the input
+to RIMs other than those that hold the cue.
 
     python benchmarks/cue_under_shift.py runs/learning-cue/runs/pickup-cue/{lstm,rims}/s0 \\
         --shifts none,view-3,flicker-0.5 --episodes 100
@@ -48,7 +49,8 @@ class Recall:
     error_blank: list[float] = field(default_factory=list)  # hidden-target steps whose image was blanked
     active_seen: list[np.ndarray] = field(default_factory=list)  # (K,) masks, RIM cores only
     active_blank: list[np.ndarray] = field(default_factory=list)
-    switched: list[bool] = field(default_factory=list)  # the active set changed since the step before
+    active_cue: list[np.ndarray] = field(default_factory=list)  # masks at the steps that show the target
+    switched: list[bool] = field(default_factory=list)  # changed since the step before, both hidden-target steps
 
 
 def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Recall:
@@ -69,6 +71,7 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
     starts = np.ones(n, dtype=bool)
     state = None
     previous = None  # the RIM masks of the step before, (n, K)
+    was_scored = np.zeros(n, dtype=bool)  # whether the step before was a scored (hidden-target) step
     out = Recall(success=0.0, episodes=0)
     successes: list[bool] = []
     try:
@@ -91,9 +94,11 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
                     (out.error_blank if blank[i] else out.error_seen).append(float(error[i]))
                     if mask is not None:
                         (out.active_blank if blank[i] else out.active_seen).append(mask[i].astype(float))
-                        if previous is not None and not starts[i]:
+                        if previous is not None and was_scored[i] and not starts[i]:
                             out.switched.append(bool((mask[i] != previous[i]).any()))
-            previous = mask
+            if mask is not None:
+                out.active_cue.extend(mask[shown].astype(float))
+            previous, was_scored = mask, scored
             obs, _, dones, infos = env.step(actions)
             for i in np.flatnonzero(dones):
                 successes.append(bool(infos[i].get("success", False)))
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     th.set_num_threads(1)
     rows = [
         "| run | shift | success | recall error, seen | recall error, blanked "
-        "| RIMs active, seen | RIMs active, blanked | switch rate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| RIMs active at the cue | RIMs active, seen | RIMs active, blanked | switch rate |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in args.runs:
         config = load_run_config(run)
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                 env.close()
             rows.append(
                 f"| {run} | {shift} | {result.success:.2f} | {_mean(result.error_seen)} | {_mean(result.error_blank)} "
-                f"| {_shares(result.active_seen)} | {_shares(result.active_blank)} | {_mean(result.switched)} |"
+                f"| {_shares(result.active_cue)} | {_shares(result.active_seen)} | {_shares(result.active_blank)} "
+                f"| {_mean(result.switched)} |"
             )
             print(rows[-1], flush=True)
     table = "\n".join(rows) + "\n"

@@ -69,4 +69,5 @@ def test_all_active_rims_never_switch() -> None:
     result = measure(build_model(config, env), env, episodes=2)
     assert len(result.switched) > 0 and not any(result.switched)
     assert np.allclose(np.mean(result.active_seen, axis=0), 1.0)
+    assert np.allclose(np.mean(result.active_cue, axis=0), 1.0) and len(result.active_cue) >= 2
     env.close()
