@@ -32,7 +32,7 @@ from stable_baselines3.common.preprocessing import preprocess_obs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rim_agents.envs.pickup import HIDDEN_TARGET, target_hidden  # noqa: E402
+from rim_agents.envs.pickup import HIDDEN_TARGET, latch_shown_target, recall_scored, target_hidden  # noqa: E402
 from rim_agents.models import load_model, make_env  # noqa: E402 (after the path line)
 from rim_agents.rim import RIMCore  # noqa: E402
 from rim_agents.runs import load_run_config, newest_model  # noqa: E402
@@ -76,13 +76,11 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
     successes: list[bool] = []
     try:
         for _ in range(max_steps):
-            latch[starts] = HIDDEN_TARGET
-            shown = ~target_hidden(obs["target"])
-            latch[shown] = obs["target"][shown]
+            latch_shown_target(latch, obs["target"], starts)  # as RIMPPO's buffer stores it for the loss
             queries.clear()
             actions, state = model.predict(obs, state=state, episode_start=starts, deterministic=False)
             assert len(queries) == 1, "one read-out of the actor per step"
-            scored = target_hidden(obs["target"]) & ~target_hidden(latch)
+            scored = recall_scored(obs["target"], latch)
             mask = core.last_activity.mask[0].cpu().numpy() if core is not None else None
             if scored.any():
                 with th.no_grad():
@@ -97,7 +95,7 @@ def measure(model: Any, env: Any, episodes: int, max_steps: int = 100_000) -> Re
                         if previous is not None and was_scored[i] and not starts[i]:
                             out.switched.append(bool((mask[i] != previous[i]).any()))
             if mask is not None:
-                out.active_cue.extend(mask[shown].astype(float))
+                out.active_cue.extend(mask[~target_hidden(obs["target"])].astype(float))
             previous, was_scored = mask, scored
             obs, _, dones, infos = env.step(actions)
             for i in np.flatnonzero(dones):
@@ -136,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "| RIMs active at the cue | RIMs active, seen | RIMs active, blanked | switch rate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    pairs = []  # (success, recall error on seen steps) under each shift but none
     for run in args.runs:
         config = load_run_config(run)
         checkpoint = newest_model(run)
@@ -154,7 +153,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {_mean(result.switched)} |"
             )
             print(rows[-1], flush=True)
+            if shift != "none" and result.error_seen:
+                pairs.append((result.success, float(np.mean(result.error_seen))))
     table = "\n".join(rows) + "\n"
+    if len(pairs) >= 3:
+        r = np.corrcoef(np.array(pairs).T)[0, 1]
+        table += (
+            f"\nSuccess against the recall error on seen steps, over the {len(pairs)} run x shift pairs "
+            f"other than none: Pearson r = {r:.2f}\n"
+        )
     print(table)
     if args.out:
         args.out.write_text(table)

@@ -40,7 +40,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.save_util import load_from_zip_file
 
-from rim_agents.envs.pickup import HIDDEN_TARGET, target_hidden
+from rim_agents.envs.pickup import HIDDEN_TARGET, latch_shown_target, recall_scored
 from rim_agents.normalization import ScaleReward
 from rim_agents.policy import CnnRIMPolicy, MlpRIMPolicy, MultiInputRIMPolicy, RIMPolicy
 
@@ -108,9 +108,7 @@ class _ChunkSampler:
             assert self.cues is not None
             obs, episode_start = args[0], np.asarray(args[3], dtype=bool)
             target = np.asarray(obs["target"]).reshape(self.n_envs, -1)
-            self._latch[episode_start] = HIDDEN_TARGET  # a new episode: the last one's cue is gone
-            shown = ~target_hidden(target)
-            self._latch[shown] = target[shown]
+            latch_shown_target(self._latch, target, episode_start)
             self.cues[self.pos] = self._latch
         super().add(*args, **kwargs)  # type: ignore[misc]
 
@@ -119,7 +117,7 @@ class _ChunkSampler:
         """Where the stored cues are scored, shaped like them without the last axis: the observed
         target hidden and the latched one not (the episode showed one)."""
         assert self.cues is not None
-        return target_hidden(self.observations["target"]) & ~target_hidden(self.cues)
+        return recall_scored(self.observations["target"], self.cues)
 
     def _prepare(self) -> None:
         # (n_steps, n_layers, n_envs, dim) -> (n_steps, n_envs, n_layers, dim), then every array

@@ -513,6 +513,10 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
     trained to the end with the very same settings, seed and budget (whatever its env or variant is named
     there), so that a study that only evaluates differently (other shifts) trains nothing again.
     Unfinished runs are never linked: two studies would train one folder. Returns {key: source}."""
+
+    def key(config: TrainConfig) -> tuple[str, int, int]:
+        return json.dumps(config.identity(), sort_keys=True, default=str), config.seed, config.total_timesteps
+
     found: dict[tuple[str, int, int], Path] = {}
     for source in sources:
         for config_file in sorted((source / STUDY_RUNS_DIR).glob(f"*/*/s*/{CONFIG_FILE}")):
@@ -522,15 +526,13 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
             except UsageError:
                 continue
             if is_finished(run_dir, saved.total_timesteps):  # its last update may overshoot the budget
-                ident = json.dumps(saved.identity(), sort_keys=True, default=str)
-                found.setdefault((ident, saved.seed, saved.total_timesteps), run_dir.resolve())
+                found.setdefault(key(saved), run_dir.resolve())
     linked: dict[str, Path] = {}
     for plan in plans:
         if plan.run_dir.exists() or plan.run_dir.is_symlink():
             continue
-        ident = json.dumps(plan.config.identity(), sort_keys=True, default=str)
-        match = found.get((ident, plan.config.seed, plan.config.total_timesteps))
-        if match is None or match == plan.run_dir.resolve():
+        match = found.get(key(plan.config))
+        if match is None:
             continue
         plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
         plan.run_dir.symlink_to(match, target_is_directory=True)

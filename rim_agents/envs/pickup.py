@@ -27,6 +27,19 @@ def target_hidden(target: Any) -> np.ndarray:
     return np.all(np.asarray(target) == HIDDEN_TARGET, axis=-1)
 
 
+def latch_shown_target(latch: np.ndarray, target: np.ndarray, episode_start: np.ndarray) -> None:
+    """Update ``latch`` ``(n_envs, 2)``, the target each env's episode last showed, in place with one
+    step's ``target`` observations: hidden again where an episode starts, the target where one is shown."""
+    latch[episode_start] = HIDDEN_TARGET
+    shown = ~target_hidden(target)
+    latch[shown] = target[shown]
+
+
+def recall_scored(target: Any, latch: Any) -> np.ndarray:
+    """Where a recall of the latched target is asked for: the observed target hidden, the latched one not."""
+    return target_hidden(target) & ~target_hidden(latch)
+
+
 #: Targets and training distractors: keys and balls in red, green or blue.
 TRAIN_PALETTE: tuple[Pair, ...] = tuple((t, c) for t in ("key", "ball") for c in ("red", "green", "blue"))
 #: Never seen in training: every box, and every object in purple, yellow or grey.
