@@ -476,3 +476,18 @@ def test_importing_the_package_registers_its_envs(code: str) -> None:
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+@pytest.mark.parametrize(
+    ("env_id", "render_mode"),
+    [("RIMAgents/Repeat-v0", None), ("RIMAgents/CartPoleNoVel-v1", "rgb_array"), ("RIMAgents/Pickup-6x6-v0", "rgb_array")],
+)
+def test_vec_env_asks_for_rgb_rendering_only_where_the_env_has_it(env_id: str, render_mode: str | None) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gymnasium warns when a render mode the env lacks is asked for
+        venv = make_vec_env(env_id, n_envs=1, seed=0)
+    assert venv.envs[0].unwrapped.render_mode == render_mode  # type: ignore[attr-defined]
+    assert venv.num_envs == 1 and venv.reset() is not None
+    venv.close()

@@ -13,6 +13,7 @@ for Atari: reward clipping is applied after the monitor).
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 import gymnasium as gym
@@ -30,6 +31,16 @@ __all__ = ["check_env_id", "env_family", "make_vec_env"]
 def _entry_module(spec: Any) -> str:
     entry = spec.entry_point
     return entry.split(":")[0] if isinstance(entry, str) else getattr(entry, "__module__", "")
+
+
+def _renders_rgb(env_id: str) -> bool:
+    """Whether the registered env declares ``rgb_array`` among its render modes."""
+    spec = gym.spec(env_id)
+    creator = spec.entry_point
+    if isinstance(creator, str):
+        creator = gym.envs.registration.load_env_creator(creator)
+    modes = getattr(creator, "metadata", {}).get("render_modes", [])
+    return "rgb_array" in modes
 
 
 def check_env_id(env_id: str, packages: list[str] | None = None) -> None:
@@ -80,7 +91,10 @@ def make_vec_env(
             return make_atari_vec_env(
                 env_id, n_envs, seed, frame_stack, terminal_on_life_loss, clip_reward, env_kwargs, backend
             )
-        return sb3_make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=DummyVecEnv)
+        # SB3 asks a registered id for rgb_array rendering, which an env without it warns about:
+        # such an env is made by a callable instead, with the user's kwargs only.
+        target: Any = env_id if _renders_rgb(env_id) else functools.partial(gym.make, env_id)
+        return sb3_make_vec_env(target, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=DummyVecEnv)
     except (TypeError, ValueError, RuntimeError, gym.error.Error) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot create environment {env_id!r} with {env_kwargs}: {first}") from None
