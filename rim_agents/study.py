@@ -28,7 +28,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -705,7 +704,8 @@ class StudyState:
 
 class Progress:
     """One line per event and a summary line at most every ``every`` seconds: runs done, running,
-    failed, evaluations done, and an ETA from the mean wall time of the runs finished so far."""
+    failed, evaluations done, and an ETA from the mean wall time of the runs finished so far,
+    less what the running ones have already spent (see :meth:`eta_minutes`)."""
 
     def __init__(
         self, state: StudyState, parallel: int, every: float = 60.0, write: Callable[[str], None] = print
@@ -713,10 +713,19 @@ class Progress:
         self.state, self.parallel, self.every, self.write = state, max(1, parallel), every, write
         self.last = 0.0
         self.walls: list[float] = []
+        self.running_since: Callable[[], list[float]] = list  # start times of the training tasks in flight
 
     def event(self, text: str) -> None:
         self.write(f"[{dt.datetime.now():%H:%M:%S}] {text}")
         self.tick(force=True)
+
+    def eta_minutes(self, pending: int, ages_s: list[float]) -> tuple[float, bool]:
+        """Minutes left if every run takes the mean finished wall time: each running run needs what
+        it has not spent of it, each pending one all of it, ``parallel`` at a time. The flag says
+        that a running run has outlived the mean (the figure is then a lower bound)."""
+        mean = float(np.mean(self.walls))
+        left = [max(mean - age, 0.0) for age in ages_s] + [mean] * pending
+        return sum(left) / self.parallel / 60, any(age > mean for age in ages_s)
 
     def tick(self, force: bool = False) -> None:
         if not force and time.time() - self.last < self.every:
@@ -724,11 +733,11 @@ class Progress:
         self.last = time.time()
         c = self.state.counts()
         total = len(self.state.planned)
-        remaining = c["pending"] + c["running"]
         eta = ""
-        if self.walls and remaining:
-            minutes = np.mean(self.walls) * math.ceil(remaining / self.parallel) / 60
-            eta = f", ETA {minutes:.0f} min"
+        if self.walls and c["pending"] + c["running"]:
+            now = time.time()
+            minutes, over = self.eta_minutes(c["pending"], [now - t for t in self.running_since()])
+            eta = f", ETA {'>= ' if over else ''}{minutes:.0f} min"
         self.write(
             f"  study: {c['finished']}/{total} trained, {c['running']} running, {c['failed']} failed, "
             f"{c['evaluated']}/{total} evaluated{eta}"
@@ -879,6 +888,7 @@ def _drive(
     for p in plans:
         queue.append(("eval" if state.run(p.key)["state"] == "finished" else "train", p.key))
     in_flight: dict[Any, tuple[str, str, float]] = {}
+    progress.running_since = lambda: [t for kind, _, t in in_flight.values() if kind == "train"]
 
     def submit(kind: str, key: str) -> None:
         p, run = by_key[key], state.run(key)

@@ -480,7 +480,11 @@ def test_importing_the_package_registers_its_envs(code: str) -> None:
 
 @pytest.mark.parametrize(
     ("env_id", "render_mode"),
-    [("RIMAgents/Repeat-v0", None), ("RIMAgents/CartPoleNoVel-v1", "rgb_array"), ("RIMAgents/Pickup-6x6-v0", "rgb_array")],
+    [
+        ("RIMAgents/Repeat-v0", None),
+        ("RIMAgents/CartPoleNoVel-v1", "rgb_array"),
+        ("RIMAgents/Pickup-6x6-v0", "rgb_array"),
+    ],
 )
 def test_vec_env_asks_for_rgb_rendering_only_where_the_env_has_it(env_id: str, render_mode: str | None) -> None:
     import warnings

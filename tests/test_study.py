@@ -440,3 +440,16 @@ def test_every_env_kwarg_of_a_spec_reaches_the_runs_config(tmp_path: Path) -> No
     data["envs"] = {"repeat-8": {"env": "RIMAgents/Repeat-v0", "env_kwargs": {"delay": 8, "length": 24}}}
     plans = plan_runs(spec_from_dict(data), tmp_path)
     assert {str(p.config.env_options.env_kwargs) for p in plans} == {"{'delay': 8, 'length': 24}"}
+
+
+def test_the_eta_counts_what_running_runs_have_spent(tmp_path: Path) -> None:
+    from rim_agents.study import Progress, StudyState
+
+    spec = spec_from_dict(tiny_spec())
+    progress = Progress(StudyState(tmp_path, spec, plan_runs(spec, tmp_path)), parallel=2)
+    progress.walls = [600.0, 1800.0]  # mean 20 min
+    # two running, 5 and 15 min in, three pending: (15 + 5 + 3 * 20) / 2 = 40 min
+    assert progress.eta_minutes(3, [300.0, 900.0]) == (pytest.approx(40.0), False)
+    # one running past the mean: it is counted as done, and the figure is flagged as a lower bound
+    assert progress.eta_minutes(0, [1500.0]) == (pytest.approx(0.0), True)
+    assert progress.eta_minutes(1, [0.0, 0.0]) == (pytest.approx(30.0), False)

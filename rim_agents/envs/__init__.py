@@ -35,10 +35,8 @@ def _entry_module(spec: Any) -> str:
 
 def _renders_rgb(env_id: str) -> bool:
     """Whether the registered env declares ``rgb_array`` among its render modes."""
-    spec = gym.spec(env_id)
-    creator = spec.entry_point
-    if isinstance(creator, str):
-        creator = gym.envs.registration.load_env_creator(creator)
+    entry = gym.spec(env_id).entry_point
+    creator: Any = gym.envs.registration.load_env_creator(entry) if isinstance(entry, str) else entry
     modes = getattr(creator, "metadata", {}).get("render_modes", [])
     return "rgb_array" in modes
 
