@@ -1,11 +1,16 @@
-"""Paired per-seed differences between cores under each shift, from an evaluation's results.csv.
+"""Paired per-seed differences between cores (or a study's variants) under each shift.
 
 Seeds are paired across cores (extractor, heads and env seeds are identical for a seed), so the
 difference ``core - baseline`` on the same seed removes what the seed itself decides. For every
 core, shift and metric column this prints the mean over seeds of that difference and its 95%
 percentile bootstrap interval over seeds (``rim_agents.stats.bootstrap_ci``).
 
+It reads an evaluation's ``results.csv`` (rows named by core) or a study's ``results/runs.csv``
+(rows named by variant, so that two variants of one core, e.g. ``rims`` and ``rims-all-active``,
+stay apart); a ``results.csv`` holding two runs of one core on one seed is refused.
+
     python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/results.csv --baseline none
+    python benchmarks/paired_difference.py runs/robustness-cue/results/runs.csv --baseline rims-all-active
 """
 
 from __future__ import annotations
@@ -23,26 +28,36 @@ from rim_agents.stats import bootstrap_ci
 def paired_differences(
     rows: list[dict[str, str]], baseline: str, column: str = "success_rate"
 ) -> dict[tuple[str, str], tuple[float, float, float, int]]:
-    """``(core, shift) -> (mean difference, low, high, seeds)`` over the seeds both cores have."""
-    value = {
-        (r["core"], r["shift"], r["seed"]): float(r[column])
-        for r in rows
-        if r.get("kind", "checkpoint") == "checkpoint"
-    }
+    """``(name, shift) -> (mean difference, low, high, seeds)`` over the seeds both have; a row's
+    name is its ``variant`` where the rows have one, else its ``core``; rows of different envs are
+    not paired (the shift is then ``env/shift``)."""
+    value: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        if r.get("kind", "checkpoint") != "checkpoint":
+            continue
+        name = r.get("variant") or r["core"]
+        shift = f"{r['env']}/{r['shift']}" if len({x.get("env") for x in rows}) > 1 else r["shift"]
+        key = (name, shift, r["seed"])
+        if key in value:
+            raise ValueError(
+                f"two runs of {name!r} on seed {r['seed']} under {shift!r} (variants of one core?): "
+                "pass a study's results/runs.csv, which names each variant"
+            )
+        value[key] = float(r[column])
     out: dict[tuple[str, str], tuple[float, float, float, int]] = {}
-    for core, shift in sorted({(c, s) for c, s, _ in value if c != baseline}):
-        seeds = sorted({seed for c, s, seed in value if c == core and s == shift and (baseline, s, seed) in value})
-        diff = np.array([value[(core, shift, seed)] - value[(baseline, shift, seed)] for seed in seeds])
+    for name, shift in sorted({(c, s) for c, s, _ in value if c != baseline}):
+        seeds = sorted({seed for c, s, seed in value if c == name and s == shift and (baseline, s, seed) in value})
+        diff = np.array([value[(name, shift, seed)] - value[(baseline, shift, seed)] for seed in seeds])
         if len(diff):
             low, high = bootstrap_ci(diff)
-            out[(core, shift)] = (float(diff.mean()), low, high, len(diff))
+            out[(name, shift)] = (float(diff.mean()), low, high, len(diff))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_csv", type=Path)
-    parser.add_argument("--baseline", default="none", help="the core every other core is compared with")
+    parser.add_argument("--baseline", default="none", help="the core (or variant) every other is compared with")
     parser.add_argument("--column", default="success_rate", help="success_rate or mean_return")
     args = parser.parse_args(argv)
     try:
@@ -50,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = list(csv.DictReader(f))
         diffs = paired_differences(rows, args.baseline, args.column)
     except (OSError, KeyError, ValueError) as e:
-        print(f"error: cannot read {args.results_csv} as an evaluation's results.csv: {e}", file=sys.stderr)
+        print(f"error: cannot read {args.results_csv} as a results.csv or runs.csv: {e}", file=sys.stderr)
         return 2
     if not diffs:
         print(f"error: no core shares seeds with --baseline {args.baseline} in {args.results_csv}", file=sys.stderr)
         return 2
-    print(f"| core - {args.baseline} | shift | mean over seeds | 95% CI | seeds |")
+    kind = "variant" if rows and "variant" in rows[0] else "core"
+    print(f"| {kind} - {args.baseline} | shift | mean over seeds | 95% CI | seeds |")
     print("|---|---|---|---|---|")
     for (core, shift), (mean, low, high, n) in diffs.items():
         print(f"| {core} | {shift} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] | {n} |")

@@ -24,9 +24,11 @@ checkpoint, up to ``retries`` times, and every failure is recorded in ``study.js
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import signal
@@ -985,6 +987,7 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
     write_outputs(results, out)
     atomic_write_text(out / "evaluation.txt", format_table(results) + "\n")
     atomic_write_text(out / "runs.md", runs_table(entries, state))
+    atomic_write_text(out / "runs.csv", runs_csv(entries))
     summary: list[dict[str, Any]] = []
     atomic_write_text(out / "table.md", variants_table(spec, entries, summary))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -1059,6 +1062,23 @@ def runs_table(entries: list[tuple[RunPlan, CheckpointResult]], state: StudyStat
         "logged them (time/time_elapsed, every resume included), on whatever machine it shared.\n\n"
     )
     return head + "\n".join(lines) + "\n"
+
+
+RUNS_CSV_COLUMNS = ["env", "variant", "core", "seed", "shift", "episodes", "mean_return", "success_rate"]
+
+
+def runs_csv(entries: list[tuple[RunPlan, CheckpointResult]]) -> str:
+    """One row per run and shift, each run named by its env and variant (evaluate.py's results.csv
+    names only the core, which two variants of one core share):
+    ``benchmarks/paired_difference.py`` pairs these rows by seed."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RUNS_CSV_COLUMNS)
+    for p, c in entries:
+        for name, r in c.shifts.items():
+            success = "" if r.success_rate is None else r.success_rate
+            writer.writerow([p.env.name, p.variant.name, c.core, p.seed, name, r.episodes, r.mean_return, success])
+    return buf.getvalue()
 
 
 def variants_table(

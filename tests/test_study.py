@@ -186,6 +186,7 @@ def test_a_study_survives_a_killed_worker_and_trains_nothing_when_started_again(
     table = (out / "results" / "table.md").read_text()
     assert "| rims | 2 |" in table and "| lstm | 2 |" in table
     assert (out / "results" / "curves_pickup.png").stat().st_size > 0
+    assert (out / "results" / "runs.csv").read_text().count("\n") == 1 + 4 * 2  # a row per run and shift
 
     # Started again: nothing is trained (no attempt, no model rewritten), the results are the same.
     models = {p: p.stat().st_mtime_ns for p in out.glob(f"runs/*/*/*/{FINAL_MODEL}")}
@@ -453,3 +454,35 @@ def test_the_eta_counts_what_running_runs_have_spent(tmp_path: Path) -> None:
     # one running past the mean: it is counted as done, and the figure is flagged as a lower bound
     assert progress.eta_minutes(0, [1500.0]) == (pytest.approx(0.0), True)
     assert progress.eta_minutes(1, [0.0, 0.0]) == (pytest.approx(30.0), False)
+
+
+def test_runs_csv_names_each_variant_and_pairs_them_by_seed(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from rim_agents.evaluation import CheckpointResult, ShiftResult
+    from rim_agents.study import runs_csv
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from paired_difference import paired_differences
+
+    data = tiny_spec(
+        variants={"rims": {"core": "rims"}, "rims-all-active": {"core": "rims", "overrides": ["rims.k_active=4"]}}
+    )
+    spec = spec_from_dict(data)
+    entries = []
+    for p in plan_runs(spec, tmp_path):
+        success = 0.5 + 0.1 * p.seed + (0.2 if p.variant.name == "rims" else 0.0)  # rims ahead by 0.2 on every seed
+        shift = ShiftResult(4, success, [0.0, 1.0], success, None, 10.0, [success] * 4, 0.0, None)
+        entries.append(
+            (p, CheckpointResult("m.zip", str(p.run_dir), p.env.env, "rims", p.seed, 128, "g", {"none": shift}))
+        )
+    rows = list(csv.DictReader(io.StringIO(runs_csv(entries))))
+    assert [(r["variant"], r["core"], r["seed"], r["shift"]) for r in rows] == [
+        (p.variant.name, "rims", str(p.seed), "none") for p, _ in entries
+    ]
+    mean, low, high, seeds = paired_differences(rows, "rims-all-active")[("rims", "none")]
+    assert seeds == 2 and mean == pytest.approx(0.2) and low == pytest.approx(0.2) and high == pytest.approx(0.2)
+    # Named by core only (evaluate.py's results.csv), the two variants cannot be told apart: refused.
+    with pytest.raises(ValueError, match="two runs of 'rims' on seed 0 under 'none'"):
+        paired_differences([{k: v for k, v in r.items() if k != "variant"} for r in rows], "none")
