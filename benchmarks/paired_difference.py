@@ -32,11 +32,12 @@ def paired_differences(
     name is its ``variant`` where the rows have one, else its ``core``; rows of different envs are
     not paired (the shift is then ``env/shift``)."""
     value: dict[tuple[str, str, str], float] = {}
+    several_envs = len({r.get("env") for r in rows}) > 1
     for r in rows:
         if r.get("kind", "checkpoint") != "checkpoint":
             continue
         name = r.get("variant") or r["core"]
-        shift = f"{r['env']}/{r['shift']}" if len({x.get("env") for x in rows}) > 1 else r["shift"]
+        shift = f"{r['env']}/{r['shift']}" if several_envs else r["shift"]
         key = (name, shift, r["seed"])
         if key in value:
             raise ValueError(

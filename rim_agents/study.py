@@ -737,8 +737,7 @@ class Progress:
         total = len(self.state.planned)
         eta = ""
         if self.walls and c["pending"] + c["running"]:
-            now = time.time()
-            minutes, over = self.eta_minutes(c["pending"], [now - t for t in self.running_since()])
+            minutes, over = self.eta_minutes(c["pending"], [self.last - t for t in self.running_since()])
             eta = f", ETA {'>= ' if over else ''}{minutes:.0f} min"
         self.write(
             f"  study: {c['finished']}/{total} trained, {c['running']} running, {c['failed']} failed, "
