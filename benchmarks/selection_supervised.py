@@ -42,7 +42,9 @@ def variant_config(name: str) -> TrainConfig:
             f"unknown variant {name!r}: choose an lstm or rims variant of {STUDY.name}: {', '.join(variants)}"
         )
     variant = variants[name]
-    return load_config(env="RIMAgents/Repeat-v0", core=variant.core, overrides=[*spec.overrides, *variant.overrides])
+    repeat = next(e for e in spec.envs if e.env == "RIMAgents/Repeat-v0")  # its pins, not its delay
+    overrides = [*repeat.overrides, *spec.overrides, *variant.overrides]
+    return load_config(env="RIMAgents/Repeat-v0", core=variant.core, overrides=overrides)
 
 
 def repeat_batch(

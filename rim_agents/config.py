@@ -302,8 +302,12 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that make the trained agent what it is: runs that differ only in the others
-        (``RUN_ONLY`` fields: seed, budget, device, logging) are seeds of one configuration."""
+        (``RUN_ONLY`` fields: seed, budget, device, logging) are seeds of one configuration. The RIM
+        settings belong to the RIM core alone: an LSTM, GRU or feed-forward agent is the same agent
+        whatever they say, so a study may pin them for every variant of an env."""
         run_only = {f.name for f in dataclasses.fields(self) if f.metadata.get("run_only")}
+        if self.core != "rims":
+            run_only.add("rims")
         return {k: v for k, v in self.to_dict().items() if k not in run_only}
 
 
@@ -534,8 +538,12 @@ def load_config(
     apply_layer(config, user, chosen_core)
     config.env, config.core = str(env_id), str(chosen_core)
     _merge(config, {k: v for k, v in (flags or {}).items() if v is not None})
+    # The overrides go in as one layer, so that they are checked together: with 8 RIMs, 7 active by
+    # default, rims.num_units=4 rims.k_active=3 is valid although its first half alone is not.
+    combined: dict[str, Any] = {}
     for layer in layers:
-        _merge(config, layer)
+        combined = _deep_update(combined, layer)
+    _merge(config, combined)
     config.env = config.env.split(":", 1)[-1]
     config.env_packages = list(dict.fromkeys([*config.env_packages, *packages]))
     validate(config)

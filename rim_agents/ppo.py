@@ -290,7 +290,15 @@ class RIMPPO(RecurrentPPO):
         super().save(*args, **kwargs)
 
     def train(self) -> None:
+        self._steps, self._nonfinite_steps = 0, 0
         super().train()
+        # Always logged, so a run's curves show that none were skipped (see _skip_nonfinite_step).
+        self.logger.record("train/nonfinite_steps", self._nonfinite_steps)
+        if self._steps and self._nonfinite_steps == self._steps:
+            raise ValueError(
+                f"every gradient step of the update at step {self.num_timesteps} had NaN or inf gradients "
+                f"({self._steps} of {self._steps}); nothing was applied"
+            )
         if isinstance(self.policy, RIMPolicy) and self.policy.normalize_observations:
             # After the update: collecting and training this rollout used the same moments.
             observations: Any = self.rollout_buffer.observations
@@ -309,8 +317,25 @@ class RIMPPO(RecurrentPPO):
                 self.logger.record("train/cue_recall_error", th.stack(self.policy.recall_errors).mean().item())
                 self.policy.recall_errors.clear()
 
+    def _skip_nonfinite_step(self, optimizer: th.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before each optimizer step: a step whose gradients hold a NaN or inf is skipped whole (every
+        gradient dropped, so Adam moves nothing and its moments stay as they were), as mixed-precision
+        training skips an overflowed step; applied, gradient clipping would turn it into NaN
+        parameters. Counted per update (``train/nonfinite_steps``); an update with no finite step
+        at all is an error (see :meth:`train`)."""
+        self._steps += 1
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(th.isfinite(th.stack([th.linalg.vector_norm(g) for g in grads])).all()):
+            return
+        self._nonfinite_steps += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._steps, self._nonfinite_steps = 0, 0
+        self.policy.optimizer.register_step_pre_hook(self._skip_nonfinite_step)
         if isinstance(self.policy, RIMPolicy):
             # Save the resolved core settings (defaults included), not only what was passed.
             self.policy_kwargs = {

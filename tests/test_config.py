@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -171,14 +172,14 @@ def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stderr[-800:]
     (wheel,) = tmp_path.glob("rim_agents-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"rim_agents/configs/{f}.yaml" for f in ("atari", "minigrid", "classic")} <= set(names)
+    assert {f"rim_agents/configs/{f}.yaml" for f in ("atari", "minigrid", "classic", "paper_rule")} <= set(names)
     target = tmp_path / "site"
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
     assert subprocess.run(install, capture_output=True, timeout=300).returncode == 0
     code = (
         f"import rim_agents.config as c; assert c.CONFIG_DIR.is_relative_to({str(target)!r}), c.CONFIG_DIR; "
         "cfg = c.load_config('RIMAgents/Pickup-6x6-v0', 'rims'); "
-        "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 4"
+        "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 8"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(target)})  # fmt: skip
@@ -201,6 +202,18 @@ def test_identity_drops_run_only_settings() -> None:
     assert "seed" not in base.identity() and "rims" in base.identity()
 
 
+@pytest.mark.parametrize("core", ["lstm", "gru", "none"])
+def test_rim_settings_are_no_part_of_another_cores_identity(core: str) -> None:
+    """A study pins RIM settings per env for every variant; the LSTM, GRU and feed-forward runs
+    stay the same configuration (and reuse, resume and group as before)."""
+    base = load_config("CartPole-v1", core)
+    pinned = load_config("CartPole-v1", core, overrides=["rims.k_active=2", "rims.selection=hard"])
+    assert pinned.rims != base.rims and pinned.identity() == base.identity()
+    assert "rims" not in base.identity()
+    other = load_config("CartPole-v1", core, overrides=["ppo.n_epochs=3"])
+    assert other.identity() != base.identity()
+
+
 def test_overrides_of_one_mapping_combine_key_by_key() -> None:
     from rim_agents.config import load_config
 
@@ -216,3 +229,33 @@ def test_overrides_of_one_mapping_combine_key_by_key() -> None:
                    "env_options.env_kwargs.x.b=2"],
     )  # fmt: skip
     assert config.env_options.env_kwargs == {"delay": 2, "x": {"a": 1, "b": 2}}
+
+
+def test_overrides_are_checked_together_not_one_by_one() -> None:
+    """Fewer RIMs and fewer active ones, given in either order, are valid together although the first
+    alone is not (Atari: 6 RIMs, 5 active); a pair that is invalid together is still refused."""
+    default = load_config("BreakoutNoFrameskip-v4", "rims")
+    assert (default.rims.num_units, default.rims.k_active) == (6, 5)
+    for overrides in (["rims.num_units=4", "rims.k_active=3"], ["rims.k_active=3", "rims.num_units=4"]):
+        config = load_config("BreakoutNoFrameskip-v4", "rims", overrides=overrides)
+        assert (config.rims.num_units, config.rims.k_active) == (4, 3)
+    overrides = ["rims.k_active=2", "rims.k_active=3", "rims.num_units=4"]
+    assert load_config("BreakoutNoFrameskip-v4", "rims", overrides=overrides).rims.k_active == 3  # the later wins
+    with pytest.raises(ConfigError, match=r"k_active=5 is invalid: .* num_units=4"):
+        load_config("BreakoutNoFrameskip-v4", "rims", overrides=["rims.num_units=4", "rims.k_active=5"])
+
+
+@pytest.mark.parametrize(
+    ("env", "default"),
+    [("CartPole-v1", (8, 7, "straight_through", 0.5)), ("RIMAgents/Pickup-6x6-v0", (8, 7, "straight_through", 0.5)),
+     ("BreakoutNoFrameskip-v4", (6, 5, "hard", 0.0))],
+)  # fmt: skip
+def test_the_paper_rule_is_one_switch_away(env: str, default: tuple) -> None:
+    """The classic and MiniGrid families train the choice (straight-through, k annealed from K); the
+    shipped configs/paper_rule.yaml turns it back into the paper's hard top-k from the first step,
+    keeping the family's RIMs; Atari already uses the paper's rule."""
+    rims = load_config(env, "rims").rims
+    assert (rims.num_units, rims.k_active, rims.selection, rims.k_anneal) == default
+    paper = load_config(env, "rims", CONFIG_DIR / "paper_rule.yaml").rims
+    assert (paper.selection, paper.k_anneal) == ("hard", 0.0)
+    assert dataclasses.replace(paper, selection=rims.selection, k_anneal=rims.k_anneal) == rims

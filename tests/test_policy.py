@@ -14,6 +14,7 @@ from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rim_agents import RIMPPO, RIMCore, RIMPolicy
@@ -65,6 +66,55 @@ def test_tiny_run_cartpole(core: str, critic: str) -> None:
     assert any(not th.equal(a, b) for a, b in zip(after, before, strict=True))
     optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in model.policy.parameters())
+
+
+def _nan_gradients(model: RIMPPO, steps: set[int]) -> list[int]:
+    """Make the gradient of one core weight NaN in the given backward passes (0-based); returns the
+    list the passes are counted in."""
+    seen: list[int] = []
+    weight = next(model.policy.lstm_actor.parameters())
+
+    def hook(grad: th.Tensor) -> th.Tensor:
+        seen.append(len(seen))
+        return grad * float("nan") if seen[-1] in steps else grad
+
+    weight.register_hook(hook)
+    return seen
+
+
+def test_a_step_with_nan_gradients_is_skipped_whole_and_counted() -> None:
+    """One NaN gradient would make every parameter NaN through the clipping; the step is dropped
+    instead (Adam's moments untouched), the other steps are applied, and the update logs the count."""
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, n_epochs=2, seed=0,
+                   policy_kwargs=policy_kwargs("rims"))  # fmt: skip
+    seen = _nan_gradients(model, {2})  # one env: an update is one minibatch x 2 epochs; pass 2 opens the second
+    model.learn(16)
+    recorded: list[dict] = []
+
+    class Capture(KVWriter):
+        def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+            recorded.append(dict(key_values))
+
+    model.set_logger(Logger(None, [Capture()]))
+    weights = [p.detach().clone() for p in model.policy.parameters()]
+    steps_before = {id(p): int(st["step"]) for p, st in model.policy.optimizer.state.items()}
+    model.learn(32, reset_num_timesteps=False)  # two updates; the first one's record is written by the second
+    assert len(seen) == 6 and all(th.isfinite(p).all() for p in model.policy.parameters())
+    assert any(not th.equal(a, b) for a, b in zip(model.policy.parameters(), weights, strict=True))
+    assert [row["train/nonfinite_steps"] for row in recorded if "train/nonfinite_steps" in row] == [1]
+    # Adam counted the applied steps only: one of these two updates' four was dropped.
+    steps_after = {id(p): int(st["step"]) for p, st in model.policy.optimizer.state.items()}
+    assert {steps_after[k] - steps_before[k] for k in steps_before} == {3}
+
+
+def test_an_update_with_no_finite_step_is_an_error() -> None:
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, n_epochs=1, seed=0,
+                   policy_kwargs=policy_kwargs("rims"))  # fmt: skip
+    _nan_gradients(model, set(range(1000)))
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    with pytest.raises(ValueError, match=r"every gradient step of the update at step 16 had NaN or inf gradients"):
+        model.learn(16)
+    assert all(th.equal(a, b) for a, b in zip(model.policy.parameters(), before, strict=True))
 
 
 @pytest.mark.parametrize("extractor", ["nature_cnn", "tokens"])

@@ -140,6 +140,31 @@ def test_the_shipped_specs_are_valid(tmp_path: Path) -> None:
         assert len({p.config.seed for p in plans}) >= 10, path  # the project's rule: >= 10 seeds
 
 
+def test_the_shipped_specs_pin_the_rims_they_reported_and_name_todays_default(tmp_path: Path) -> None:
+    """The RIM variants reported before the default changed keep the paper's rule with 4 RIMs (3
+    active in the classic family, 2 in MiniGrid), so the committed commands reproduce them; the
+    rims-k8-7-st-anneal variant is today's family default, and the other cores' runs are the same
+    configurations whatever the pins say."""
+    from rim_agents.config import load_config
+
+    for name in ("learning", "memory_span", "pickup_robustness", "selection"):
+        spec = load_spec(ROOT / "configs" / "studies" / f"{name}.yaml")
+        plans = plan_runs(spec, tmp_path / name)
+        seen = set()
+        for plan in plans:
+            rims, minigrid = plan.config.rims, plan.env.env.startswith("RIMAgents/Pickup")
+            if plan.variant.name == "rims":
+                assert (rims.num_units, rims.k_active, rims.selection, rims.k_anneal) == (
+                    4, 2 if minigrid else 3, "hard", 0.0
+                ), (name, plan.key)  # fmt: skip
+            elif plan.variant.name == "rims-k8-7-st-anneal":
+                assert rims == load_config(plan.config.env, "rims").rims, (name, plan.key)
+            elif plan.config.core != "rims":
+                assert "rims" not in plan.config.identity(), (name, plan.key)
+            seen.add(plan.variant.name)
+        assert {"rims", "rims-k8-7-st-anneal"} <= seen, name
+
+
 # ------------------------------------------------------------------------------------- a study
 
 

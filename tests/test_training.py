@@ -49,7 +49,7 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     run = train(tiny_config(), tmp_path / "run", command=["train.py", "--env", "CartPole-v1"])
     assert (run / FINAL_MODEL).is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["env"] == "CartPole-v1" and saved["rims"]["num_units"] == 4
+    assert saved["env"] == "CartPole-v1" and saved["rims"]["num_units"] == 8  # the classic family's
     assert "train.py --env CartPole-v1" in (run / "command.txt").read_text()
     versions = yaml.safe_load((run / "versions.json").read_text())
     assert versions["torch"] and "git_commit" in versions
@@ -61,7 +61,8 @@ def test_run_directory_contents(tmp_path: Path) -> None:
 
 
 def test_rim_activity_is_logged(tmp_path: Path) -> None:
-    run = train(tiny_config(), tmp_path / "run")
+    paper_4_3 = ["rims.num_units=4", "rims.k_active=3", "rims.selection=hard", "rims.k_anneal=0.0"]
+    run = train(tiny_config(extra=paper_4_3), tmp_path / "run")
     rows = read_progress(run)
     last = rows[-1]
     fracs = [float(last[f"rims/active_frac/rim_{i}"]) for i in range(4)]
@@ -495,9 +496,11 @@ def test_shifts_are_evaluated_during_training(tmp_path: Path) -> None:
 
 
 def test_annealed_k_in_ppo(tmp_path: Path) -> None:
-    run = train(tiny_config(total=128, extra=["rims.k_anneal=0.5"]), tmp_path / "run")
+    run = train(tiny_config(total=128), tmp_path / "run")
     ks = [int(float(r["rims/k"])) for r in read_progress(run) if r.get("rims/k")]
-    # classic config: 4 RIMs, k = 3; 4 rollouts of 32 steps; k falls over the first half.
-    assert ks == [4, 4, 3, 3]
+    # The classic family's default: 8 RIMs, k = 7 reached over the first half of training (k_anneal
+    # 0.5); 4 rollouts of 32 steps.
+    assert ks == [8, 8, 7, 7]
     model = RIMPPO.load(run / FINAL_MODEL)
-    assert model.policy.lstm_actor.cell.k_now == 3  # a loaded model runs the final k
+    assert model.policy.lstm_actor.cell.k_now == 7  # a loaded model runs the final k
+    assert model.policy.lstm_actor.cell.selection == "straight_through"
