@@ -1,7 +1,6 @@
 """How strongly a fresh RIM core reads its input and how much its communication moves its state.
 
-Cores of the MiniGrid family's RIM settings as they were measured (``configs/minigrid.yaml`` with
-4 RIMs, the family's number until the selection study; all RIMs active), on
+Cores of the MiniGrid family's RIM settings (``configs/minigrid.yaml``, all RIMs active), on
 random ReLU inputs of the extractor's width, at the zero state:
 
 - the standard deviation of the input's part of the cell gates (bias left out) with the input
@@ -32,9 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
-    config = load_config(
-        env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=["rims.num_units=4", "rims.k_active=2"]
-    )
+    config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims")
     rims = dataclasses.replace(config.rims, k_active=config.rims.num_units)
     d_in = config.policy.features_extractor_kwargs["features_dim"]
     K, d_h = rims.num_units, rims.unit_size

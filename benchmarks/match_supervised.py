@@ -75,9 +75,6 @@ ORACLE = "lstm+oracle-cue"
 #: The policy's own options (``policy.token_readout`` and ``policy.cue_recall=1.0``) on a core, e.g. ``lstm+recall``.
 RECALL = "+recall"
 RECALL_OVERRIDES = ("policy.token_readout=true", "policy.cue_recall=1.0")
-#: The RIM core as this benchmark's results were measured: 4 RIMs, 2 active by the paper's hard top-k
-#: (the MiniGrid family's default then; the command line's overrides still change any of it).
-RIMS_AS_MEASURED = ("rims.num_units=4", "rims.k_active=2", "rims.selection=hard", "rims.k_anneal=0.0")
 MOVES = 3  # left, right, forward: the first three of MiniGrid's actions
 
 
@@ -130,8 +127,7 @@ class MatchModel(th.nn.Module):
         base = "lstm" if self.feedback else core.removesuffix(RECALL)
         if core.endswith(RECALL):
             extra = [*extra, *RECALL_OVERRIDES]
-        pinned = RIMS_AS_MEASURED if base == "rims" else ()
-        config = load_config(env=env_id, core=base, overrides=[*pinned, *overrides, *extra], flags={"seed": seed})
+        config = load_config(env=env_id, core=base, overrides=[*overrides, *extra], flags={"seed": seed})
         env = make_env(config, n_envs=1, seed=seed)
         self.policy = build_model(config, env).policy
         env.close()
