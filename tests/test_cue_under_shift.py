@@ -17,9 +17,6 @@ from rim_agents.config import load_config
 from rim_agents.models import build_model, make_env
 from rim_agents.shifts import shift_spec
 
-# 4 RIMs, 2 active by the paper's hard top-k from the first step: a fresh core's choice switches.
-PAPER_RULE_4_2 = ["rims.num_units=4", "rims.k_active=2", "rims.selection=hard", "rims.k_anneal=0.0"]
-
 
 class TrueTarget(th.nn.Module):
     """A read-out whose query is the embedding of each env's true target (from the env itself), or zero."""
@@ -39,7 +36,7 @@ class TrueTarget(th.nn.Module):
 
 
 def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking() -> None:
-    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8", *PAPER_RULE_4_2]
+    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8"]
     config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=overrides)
     env = make_env(config, 3, 7, shift_spec(config, "flicker-0.5"))
     model = build_model(config, env)
@@ -66,13 +63,7 @@ def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking(
 
 
 def test_all_active_rims_never_switch() -> None:
-    overrides = [
-        "policy.token_readout=true",
-        "policy.cue_recall=1.0",
-        "rims.unit_size=8",
-        "rims.num_units=4",
-        "rims.k_active=4",
-    ]
+    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8", "rims.k_active=4"]
     config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=overrides)
     env = make_env(config, 2, 3)
     result = measure(build_model(config, env), env, episodes=2)
