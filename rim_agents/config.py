@@ -137,6 +137,13 @@ class RIMConfig:
         2014). Where actions are deterministic (evaluation), the top-k: the paper's rule.
     :param selection_temperature: width of the straight-through soft mask, in null-attention units;
         with ``selection="sampled"``, the temperature of the draw's softmax.
+    :param st_state_gradient: with ``selection="straight_through"``, let the surrogate's gradient
+        reach the previous state through ``null_i`` as well as the queries and the input. Off by
+        default: that path adds to the backward recurrence a term the forward pass never has
+        (the soft mask is zero forward), and on pickup 6x6 it sent the gradient norm of 8-23% of
+        PPO's minibatches past 10 and up to 1e14 where the detached form stays under 3.2
+        (``benchmarks/results/selection/st_gradient/``). On, it is the form the studies before
+        that measurement trained with (their specs pin it).
     :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
         in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
         anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that
@@ -187,6 +194,7 @@ class RIMConfig:
     mask_output: bool = False
     selection: str = "hard"  # hard (the paper's top-k) | straight_through | sampled (see above)
     selection_temperature: float = 0.05  # width of the straight-through soft mask
+    st_state_gradient: bool = False  # the straight-through gradient also flows into the previous state (unstable)
     selection_noise: float = 0.0  # noisy top-k in training mode; refused by the RL policy
     balance_coef: float = 0.0  # weight of the load-balancing loss on the selection (rims/balance_loss)
     k_anneal: float = 0.0  # fraction of training over which the active count falls from num_units to k_active
@@ -308,7 +316,10 @@ class TrainConfig:
         run_only = {f.name for f in dataclasses.fields(self) if f.metadata.get("run_only")}
         if self.core != "rims":
             run_only.add("rims")
-        return {k: v for k, v in self.to_dict().items() if k not in run_only}
+        identity = {k: v for k, v in self.to_dict().items() if k not in run_only}
+        if "rims" in identity and self.rims.selection != "straight_through":
+            del identity["rims"]["st_state_gradient"]  # read by the straight-through choice alone
+        return identity
 
 
 # ------------------------------------------------------------------------------------ coercion

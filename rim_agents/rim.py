@@ -243,6 +243,7 @@ class RIMCell(nn.Module):
         self.mask_output = c.mask_output
         self.selection: Selection = c.selection  # type: ignore[assignment]
         self.selection_temperature = float(c.selection_temperature)
+        self.st_state_gradient = bool(c.st_state_gradient)
         self.selection_noise = float(c.selection_noise)
         self.balance_coef = float(c.balance_coef)
         self.compile_mode = c.compile
@@ -378,14 +379,8 @@ class RIMCell(nn.Module):
         return VectorInput(score_proj.contiguous(), score_bias, gate_proj.contiguous(), bias)
 
     # ------------------------------------------------------------------ one step
-    def _attend_tokens(self, inp: TokenInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """Input attention over tokens for one step.
-
-        :param h: previous state ``(K, B, d_h)``.
-        :return: the cell's input pre-activation ``(K, B, G*d_h)`` (input bias included), the
-            attention on the null token averaged over heads ``(K, B)``, and the head-averaged
-            attention on the real tokens ``(K, B, N)``.
-        """
+    def _token_probs(self, inp: TokenInput, h: th.Tensor) -> th.Tensor:
+        """``(K, B, H, N + 1)`` input-attention probabilities per head, the null token first."""
         K, B = h.shape[0], h.shape[1]
         H, d_k = self.input_heads, self.input_key_size
         if self.input_query_bias:
@@ -395,16 +390,10 @@ class RIMCell(nn.Module):
         scores = th.einsum("kbhe,bnhe->kbhn", q, inp.keys) * (d_k**-0.5)
         # The null token's key is zero, so its score is exactly zero.
         scores = th.cat([scores.new_zeros(K, B, H, 1), scores], dim=-1)
-        probs = th.softmax(scores, dim=-1)
-        mean_probs = probs.mean(dim=2)
-        probs = F.dropout(probs, self.input_dropout, self.training)
-        # The null token's value is zero: only the real tokens contribute to the read.
-        read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(K, B, -1)
-        return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
+        return th.softmax(scores, dim=-1)
 
-    def _attend_vector(self, inp: VectorInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
-        """Input attention over one vector for one step: as :meth:`_attend_tokens`, with no
-        attention on tokens returned (it is one minus the null attention)."""
+    def _vector_probs(self, inp: VectorInput, h: th.Tensor) -> th.Tensor:
+        """``(K, B, H)`` attention on the input vector per head (one minus the null's)."""
         # Softmax over {null (score 0), input (score s)} is sigmoid(s). Broadcast products, not
         # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
         if self.input_heads == 1:
@@ -413,7 +402,33 @@ class RIMCell(nn.Module):
             score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
         if inp.score_bias is not None:
             score = score + inp.score_bias
-        p = th.sigmoid(score)
+        return th.sigmoid(score)
+
+    def _null_attention(self, inp: TokenInput | VectorInput, h: th.Tensor) -> th.Tensor:
+        """``(K, B)`` attention on the null token, averaged over heads (what the top-k ranks)."""
+        if isinstance(inp, TokenInput):
+            return self._token_probs(inp, h)[..., 0].mean(dim=-1)
+        return 1.0 - self._vector_probs(inp, h).mean(dim=-1)
+
+    def _attend_tokens(self, inp: TokenInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Input attention over tokens for one step.
+
+        :param h: previous state ``(K, B, d_h)``.
+        :return: the cell's input pre-activation ``(K, B, G*d_h)`` (input bias included), the
+            attention on the null token averaged over heads ``(K, B)``, and the head-averaged
+            attention on the real tokens ``(K, B, N)``.
+        """
+        probs = self._token_probs(inp, h)
+        mean_probs = probs.mean(dim=2)
+        probs = F.dropout(probs, self.input_dropout, self.training)
+        # The null token's value is zero: only the real tokens contribute to the read.
+        read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(h.shape[0], h.shape[1], -1)
+        return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
+
+    def _attend_vector(self, inp: VectorInput, h: th.Tensor) -> tuple[th.Tensor, th.Tensor, None]:
+        """Input attention over one vector for one step: as :meth:`_attend_tokens`, with no
+        attention on tokens returned (it is one minus the null attention)."""
+        p = self._vector_probs(inp, h)
         if self.input_heads == 1:  # a view, not a reduction, in the common case
             null_att = 1.0 - p.squeeze(-1)
             p = F.dropout(p, self.input_dropout, self.training)
@@ -550,8 +565,13 @@ class RIMCell(nn.Module):
         if self.cell_type == "lstm":
             c_out = th.where(m, c_new, c if leak == 0 else th.lerp(c, c_new, leak))
         if self.selection == "straight_through" and th.is_grad_enabled():
-            assert null_att is not None
+            assert null_att is not None and not isinstance(inp, DirectInput)
             # Exactly zero forward (so the state is the hard rule's); the gradient of the choice.
+            # It reaches the queries and the input, not the previous state (unless
+            # st_state_gradient): through the state the surrogate's Jacobian would join the
+            # backward recurrence, which the forward pass never damps, and it explodes.
+            if not self.st_state_gradient:
+                null_att = self._null_attention(inp, h.detach())
             g = self._straight_through(null_att).unsqueeze(-1)
             h_tent = h_tent + g * (h_new - h)
             if self.cell_type == "lstm":

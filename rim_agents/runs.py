@@ -139,6 +139,11 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         raise UsageError(f"{path} is not valid YAML: the run directory is damaged") from None
+    rims = data.get("rims") if isinstance(data, dict) else None
+    if isinstance(rims, dict) and "st_state_gradient" not in rims:
+        # Written before the setting existed, when a straight-through choice's gradient also
+        # flowed into the previous state: resumed or compared, the run stays what it was.
+        rims["st_state_gradient"] = True
     return config_from_dict(data)
 
 

@@ -157,19 +157,23 @@ def test_the_shipped_specs_pin_the_rims_they_reported_and_name_todays_default(tm
                 assert (rims.num_units, rims.k_active, rims.selection, rims.k_anneal) == (
                     4, 2 if minigrid else 3, "hard", 0.0
                 ), (name, plan.key)  # fmt: skip
-            elif plan.variant.name == "rims-k8-7-st-anneal":
-                # The classic family's default; MiniGrid's keeps the paper's rule.
+                assert "st_state_gradient" not in plan.config.identity()["rims"], (name, plan.key)
+            elif plan.variant.name.startswith("rims-k8-7-st-anneal"):
                 trained = (rims.num_units, rims.k_active, rims.selection, rims.k_anneal) == (
                     8,
                     7,
                     "straight_through",
                     0.5,
                 )
-                assert trained and (minigrid or rims == load_config(plan.config.env, "rims").rims), (name, plan.key)
+                # As reported: the surrogate's gradient through the state too. Detached: the classic
+                # family's default (MiniGrid's keeps the paper's rule).
+                detached = plan.variant.name == "rims-k8-7-st-anneal-detached"
+                assert trained and rims.st_state_gradient is not detached, (name, plan.key)
+                assert not detached or minigrid or rims == load_config(plan.config.env, "rims").rims, (name, plan.key)
             elif plan.config.core != "rims":
                 assert "rims" not in plan.config.identity(), (name, plan.key)
             seen.add(plan.variant.name)
-        assert {"rims", "rims-k8-7-st-anneal"} <= seen, name
+        assert {"rims", "rims-k8-7-st-anneal", "rims-k8-7-st-anneal-detached"} <= seen, name
 
 
 # ------------------------------------------------------------------------------------- a study
