@@ -289,11 +289,22 @@ class RIMPPO(RecurrentPPO):
             self.return_moments = self.env.state()
         super().save(*args, **kwargs)
 
+    _grad_norms: list[th.Tensor]  # per minibatch of the update, before clipping (train/grad_norm)
+    _param_grad_norms: list[th.Tensor]  # per parameter, of the backward pass in progress
+
     def train(self) -> None:
         self._steps, self._nonfinite_steps = 0, 0
+        self._grad_norms, self._param_grad_norms = [], []
         super().train()
         # Always logged, so a run's curves show that none were skipped (see _skip_nonfinite_step).
         self.logger.record("train/nonfinite_steps", self._nonfinite_steps)
+        if self._grad_norms:
+            # The global gradient norm of each minibatch before max_grad_norm clips it: a spike shows
+            # how far clipping shrank every parameter's step (one read-back per update).
+            norms = th.stack(self._grad_norms)
+            self.logger.record("train/grad_norm", norms.median().item())
+            self.logger.record("train/grad_norm_max", norms.max().item())
+            self._grad_norms = []
         if self._steps and self._nonfinite_steps == self._steps:
             raise ValueError(
                 f"every gradient step of the update at step {self.num_timesteps} had NaN or inf gradients "
@@ -324,6 +335,9 @@ class RIMPPO(RecurrentPPO):
         parameters. Counted per update (``train/nonfinite_steps``); an update with no finite step
         at all is an error (see :meth:`train`)."""
         self._steps += 1
+        if self._param_grad_norms:
+            self._grad_norms.append(th.linalg.vector_norm(th.stack(self._param_grad_norms)))
+            self._param_grad_norms = []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads or bool(th.isfinite(th.stack([th.linalg.vector_norm(g) for g in grads])).all()):
             return
@@ -332,10 +346,20 @@ class RIMPPO(RecurrentPPO):
             for p in group["params"]:
                 p.grad = None
 
+    def _record_grad_norm(self, param: th.Tensor) -> None:
+        assert param.grad is not None
+        self._param_grad_norms.append(th.linalg.vector_norm(param.grad))
+
     def _setup_model(self) -> None:
         super()._setup_model()
         self._steps, self._nonfinite_steps = 0, 0
+        self._grad_norms = []
+        self._param_grad_norms = []
         self.policy.optimizer.register_step_pre_hook(self._skip_nonfinite_step)
+        for group in self.policy.optimizer.param_groups:
+            for param in group["params"]:
+                # After the backward pass accumulated it, before PPO clips it.
+                param.register_post_accumulate_grad_hook(self._record_grad_norm)
         if isinstance(self.policy, RIMPolicy):
             # Save the resolved core settings (defaults included), not only what was passed.
             self.policy_kwargs = {

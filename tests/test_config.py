@@ -214,6 +214,30 @@ def test_rim_settings_are_no_part_of_another_cores_identity(core: str) -> None:
     assert other.identity() != base.identity()
 
 
+def test_the_straight_through_gradient_form_is_part_of_the_identity_only_where_it_is_read(tmp_path: Path) -> None:
+    """``st_state_gradient`` changes what a straight-through choice learns and nothing else; a run
+    config written before the setting existed loads with it on, the form it trained with."""
+    import yaml
+
+    from rim_agents.runs import CONFIG_FILE, load_run_config
+
+    st = load_config("CartPole-v1", "rims", overrides=["rims.selection=straight_through"])
+    st_state = load_config(
+        "CartPole-v1", "rims", overrides=["rims.selection=straight_through", "rims.st_state_gradient=true"]
+    )
+    assert not st.rims.st_state_gradient and st.identity() != st_state.identity()
+    hard = load_config("CartPole-v1", "rims", overrides=["rims.selection=hard"])
+    hard_state = load_config("CartPole-v1", "rims", overrides=["rims.selection=hard", "rims.st_state_gradient=true"])
+    assert hard.identity() == hard_state.identity()
+    for written, expected in ((st, False), (st_state, True)):
+        data = written.to_dict()
+        (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(data))
+        assert load_run_config(tmp_path).rims.st_state_gradient is expected
+        del data["rims"]["st_state_gradient"]  # as written before the setting existed
+        (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(data))
+        assert load_run_config(tmp_path).identity() == st_state.identity()
+
+
 def test_overrides_of_one_mapping_combine_key_by_key() -> None:
     from rim_agents.config import load_config
 

@@ -13,7 +13,8 @@ from rim_agents.rim import RIMCell, RIMCore
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
 SYNC_BUILTINS = {"float", "int", "bool"}
 STEP_METHODS = (
-    "step", "_attend_vector", "_attend_tokens", "_token_probs", "_vector_probs", "_null_attention", "_top_k_mask", "_straight_through", "_sampled_mask", "_cell",
+    "step", "_attend_vector", "_attend_tokens", "_token_probs", "_vector_probs", "_null_attention", "_top_k_mask",
+    "_straight_through", "_sampled_mask", "_cell",
     "_communicate", "_comm_update",
 )  # fmt: skip
 

@@ -107,6 +107,36 @@ def test_a_step_with_nan_gradients_is_skipped_whole_and_counted() -> None:
     assert {steps_after[k] - steps_before[k] for k in steps_before} == {3}
 
 
+def test_each_update_logs_the_gradient_norm_before_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train/grad_norm`` and ``train/grad_norm_max``: the median and the largest global gradient
+    norm of the update's minibatches as the clipping saw them, not as it left them."""
+    model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=8, seq_len=8, n_epochs=3, seed=0,
+                   max_grad_norm=1e-6, policy_kwargs=policy_kwargs("rims"))  # fmt: skip
+    seen: list[float] = []
+    clip = th.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):  # type: ignore[no-untyped-def]
+        total = clip(parameters, max_norm, *args, **kwargs)
+        seen.append(float(total))
+        return total
+
+    monkeypatch.setattr(th.nn.utils, "clip_grad_norm_", recording_clip)
+    recorded: list[dict] = []
+
+    class Capture(KVWriter):
+        def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+            recorded.append(dict(key_values))
+
+    model.set_logger(Logger(None, [Capture()]))
+    model.learn(32)  # two updates; the first one's record is written by the second
+    rows = [row for row in recorded if "train/grad_norm" in row]
+    assert len(rows) == 1 and len(seen) == 12  # 2 minibatches x 3 epochs per update
+    first = th.tensor(seen[:6])
+    assert rows[0]["train/grad_norm"] == pytest.approx(float(first.median()), rel=1e-5)
+    assert rows[0]["train/grad_norm_max"] == pytest.approx(float(first.max()), rel=1e-5)
+    assert rows[0]["train/grad_norm"] > 1e-3  # before clipping to 1e-6
+
+
 def test_an_update_with_no_finite_step_is_an_error() -> None:
     model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, n_epochs=1, seed=0,
                    policy_kwargs=policy_kwargs("rims"))  # fmt: skip

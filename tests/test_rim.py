@@ -579,6 +579,45 @@ def test_straight_through_trains_the_choice_not_the_dormant_cell(cell: str) -> N
         assert th.count_nonzero(grads["straight_through"][name][always_dormant]) > 0, name
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["vector", "tokens"])
+def test_the_straight_through_gradient_stays_out_of_the_state(cell: str, tokens: bool) -> None:
+    """The surrogate is zero forward, so through the state it would add to the backward recurrence
+    a term the forward pass never has. Detached (the default), every gradient but the selection's
+    own (queries, keys, input) is the hard rule's exactly; with ``st_state_gradient`` the initial
+    state's gradient differs too."""
+    th.manual_seed(3)
+    x = th.randn(8, 3, 4, D_IN) if tokens else th.randn(8, 3, D_IN)
+    state = random_state(make_core(), 3)
+    weights = th.randn(8, 3, 5 * 8, generator=th.Generator().manual_seed(0))
+    grads = {}
+    for name, options in (
+        ("hard", {}),
+        ("st", {"selection": "straight_through"}),
+        ("st_state", {"selection": "straight_through", "st_state_gradient": True}),
+    ):
+        core = make_core(cell=cell, **NO_DROPOUT, **options)
+        h0, c0 = (s.clone().requires_grad_() for s in state)
+        xg = x.clone().requires_grad_()
+        out, _ = core(xg, (h0, c0))
+        (out * weights).sum().backward()
+        grads[name] = {
+            "h0": h0.grad,
+            "c0": c0.grad,
+            "x": xg.grad,
+            **{n: p.grad for n, p in core.cell.named_parameters()},
+        }
+    selection_own = {"input_query", "input_query_b", "input_key.weight", "x"}
+    for key, hard in grads["hard"].items():
+        if hard is None:  # the GRU's c
+            assert grads["st"][key] is None, key
+        elif key in selection_own:
+            assert not th.equal(grads["st"][key], hard), key
+        else:
+            assert th.equal(grads["st"][key], hard), key
+    assert not th.allclose(grads["st_state"]["h0"], grads["hard"]["h0"])
+
+
 def test_selection_noise_acts_in_training_mode_only() -> None:
     core = make_core(k_active=2, selection_noise=0.3, **NO_DROPOUT)
     hard = make_core(k_active=2, **NO_DROPOUT)
