@@ -6,9 +6,9 @@ surrogate's gradient kept out of the previous state (``rims.st_state_gradient=fa
 default), with it flowing into the state as well (``true``, the form the earlier studies trained
 with), and with the paper's hard rule (no surrogate: the gradient of the core's own dynamics). The
 forward passes are identical; only the backward differs. Reports the global gradient norm of every
-minibatch before PPO clips it to ``max_grad_norm`` (read from ``torch.nn.utils.clip_grad_norm_``,
-which sb3-contrib's update calls): its median, 90th percentile and maximum, and the share of
+minibatch before PPO clips it to ``max_grad_norm``: its median, 90th percentile and maximum, and the share of
 minibatches past 10 (where clipping to 0.5 shrinks every parameter's step twenty-fold or more).
+The norms are ``RIMPPO.last_grad_norms`` (``train/grad_norm`` in a run's logs).
 
 Example (the K = 8 option's pickup 6x6 runs)::
 
@@ -19,6 +19,7 @@ Example (the K = 8 option's pickup 6x6 runs)::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,27 +42,26 @@ def grad_norms(checkpoint: Path, selection: str, state_gradient: bool, updates: 
     """Pre-clip global gradient norms of ``updates`` PPO updates from ``checkpoint``."""
     found = resolve_checkpoint(checkpoint, device="cpu")
     if found.config.core != "rims" or found.config.rims.selection != "straight_through":
-        raise SystemExit(f"error: {checkpoint} is not a RIM run with selection=straight_through")
+        print(
+            f"error: {checkpoint} is not a RIM run with selection=straight_through: pass such a run's checkpoint",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     model = load_model(found.config, found.path, env=make_env(found.config, seed=seed), device="cpu")
     for module in model.policy.modules():
         if isinstance(module, RIMCell):
             module.selection, module.st_state_gradient = selection, state_gradient
     norms: list[float] = []
-    clip = th.nn.utils.clip_grad_norm_
+    train = model.train
 
-    def recording_clip(parameters, max_norm, *args, **kwargs):  # type: ignore[no-untyped-def]
-        total = clip(parameters, max_norm, *args, **kwargs)
-        norms.append(float(total))
-        return total
+    def train_and_record() -> None:
+        train()
+        norms.extend(model.last_grad_norms)
 
-    th.nn.utils.clip_grad_norm_ = recording_clip  # type: ignore[assignment]
-    try:
-        th.manual_seed(seed)
-        np.random.seed(seed)
-        steps = updates * model.n_steps * model.n_envs
-        model.learn(steps, reset_num_timesteps=True)
-    finally:
-        th.nn.utils.clip_grad_norm_ = clip
+    model.train = train_and_record  # type: ignore[method-assign]
+    th.manual_seed(seed)
+    np.random.seed(seed)
+    model.learn(updates * model.n_steps * model.n_envs, reset_num_timesteps=True)
     return np.array(norms)
 
 

@@ -290,6 +290,7 @@ class RIMPPO(RecurrentPPO):
         super().save(*args, **kwargs)
 
     _grad_norms: list[th.Tensor]  # per minibatch of the update, before clipping (train/grad_norm)
+    last_grad_norms: list[float]  # the same, of the last update that stepped, as numbers
     _param_grad_norms: list[th.Tensor]  # per parameter, of the backward pass in progress
 
     def train(self) -> None:
@@ -302,8 +303,9 @@ class RIMPPO(RecurrentPPO):
             # The global gradient norm of each minibatch before max_grad_norm clips it: a spike shows
             # how far clipping shrank every parameter's step (one read-back per update).
             norms = th.stack(self._grad_norms)
+            self.last_grad_norms = norms.tolist()
             self.logger.record("train/grad_norm", norms.median().item())
-            self.logger.record("train/grad_norm_max", norms.max().item())
+            self.logger.record("train/grad_norm_max", max(self.last_grad_norms))
             self._grad_norms = []
         if self._steps and self._nonfinite_steps == self._steps:
             raise ValueError(
@@ -355,6 +357,7 @@ class RIMPPO(RecurrentPPO):
         self._steps, self._nonfinite_steps = 0, 0
         self._grad_norms = []
         self._param_grad_norms = []
+        self.last_grad_norms = []
         self.policy.optimizer.register_step_pre_hook(self._skip_nonfinite_step)
         for group in self.policy.optimizer.param_groups:
             for param in group["params"]:

@@ -135,6 +135,7 @@ def test_each_update_logs_the_gradient_norm_before_clipping(monkeypatch: pytest.
     assert rows[0]["train/grad_norm"] == pytest.approx(float(first.median()), rel=1e-5)
     assert rows[0]["train/grad_norm_max"] == pytest.approx(float(first.max()), rel=1e-5)
     assert rows[0]["train/grad_norm"] > 1e-3  # before clipping to 1e-6
+    assert model.last_grad_norms == pytest.approx(seen[6:], rel=1e-5)
 
 
 def test_an_update_with_no_finite_step_is_an_error() -> None:
