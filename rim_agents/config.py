@@ -140,10 +140,10 @@ class RIMConfig:
     :param st_state_gradient: with ``selection="straight_through"``, let the surrogate's gradient
         reach the previous state through ``null_i`` as well as the queries and the input. Off by
         default: that path adds to the backward recurrence a term the forward pass never has
-        (the soft mask is zero forward), and on pickup 6x6 it sent the gradient norm of 8-23% of
-        PPO's minibatches past 10 and up to 1e14 where the detached form stays under 3.2
-        (``benchmarks/results/selection/st_gradient/``). On, it is the form the studies before
-        that measurement trained with (their specs pin it).
+        (the soft mask is zero forward): continued from 12 trained checkpoints it took the largest
+        pre-clip minibatch gradient norm to 241-2e18 on 5 of them, where the detached form stays
+        at the hard rule's scale on 11 of 12 (``benchmarks/results/selection/st_gradient/``). On,
+        it is the form the studies before that measurement trained with (their specs pin it).
     :param selection_noise: std of Gaussian noise added to the null attention before the top-k,
         in training mode only (noisy top-k gating, Shazeer et al. 2017); set it from outside to
         anneal it. Off (0) by default; the RL policy refuses it (PPO would compare a network that

@@ -306,7 +306,6 @@ class RIMPPO(RecurrentPPO):
             self.last_grad_norms = norms.tolist()
             self.logger.record("train/grad_norm", norms.median().item())
             self.logger.record("train/grad_norm_max", max(self.last_grad_norms))
-            self._grad_norms = []
         if self._steps and self._nonfinite_steps == self._steps:
             raise ValueError(
                 f"every gradient step of the update at step {self.num_timesteps} had NaN or inf gradients "
@@ -338,10 +337,16 @@ class RIMPPO(RecurrentPPO):
         at all is an error (see :meth:`train`)."""
         self._steps += 1
         if self._param_grad_norms:
-            self._grad_norms.append(th.linalg.vector_norm(th.stack(self._param_grad_norms)))
+            # The backward pass's norms, before clipping: clipping keeps a finite gradient finite and
+            # makes a non-finite one NaN, so the total decides for the clipped gradients too.
+            total = th.linalg.vector_norm(th.stack(self._param_grad_norms))
+            self._grad_norms.append(total)
             self._param_grad_norms = []
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(th.isfinite(th.stack([th.linalg.vector_norm(g) for g in grads])).all()):
+            finite = bool(th.isfinite(total))
+        else:  # gradients set without a backward pass
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = not grads or bool(th.isfinite(th.stack([th.linalg.vector_norm(g) for g in grads])).all())
+        if finite:
             return
         self._nonfinite_steps += 1
         for group in optimizer.param_groups:
