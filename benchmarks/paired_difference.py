@@ -7,10 +7,13 @@ percentile bootstrap interval over seeds (``rim_agents.stats.bootstrap_ci``).
 
 It reads an evaluation's ``results.csv`` (rows named by core) or a study's ``results/runs.csv``
 (rows named by variant, so that two variants of one core, e.g. ``rims`` and ``rims-all-active``,
-stay apart); a ``results.csv`` holding two runs of one core on one seed is refused.
+stay apart); a ``results.csv`` holding two runs of one core on one seed is refused. Several files
+are read as one (e.g. an earlier study's cores and a later study's new variant on the same seeds).
 
     python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/results.csv --baseline none
     python benchmarks/paired_difference.py runs/robustness-cue/results/runs.csv --baseline rims-all-active
+    python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/results.csv \
+        benchmarks/results/robustness_pickup1/detached/runs.csv --baseline lstm
 """
 
 from __future__ import annotations
@@ -57,21 +60,24 @@ def paired_differences(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results_csv", type=Path)
+    parser.add_argument("results_csv", type=Path, nargs="+", help="one or more results.csv or runs.csv, read as one")
     parser.add_argument("--baseline", default="none", help="the core (or variant) every other is compared with")
     parser.add_argument("--column", default="success_rate", help="success_rate or mean_return")
     args = parser.parse_args(argv)
+    files = ", ".join(map(str, args.results_csv))
+    rows: list[dict[str, str]] = []
     try:
-        with args.results_csv.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        for path in args.results_csv:
+            with path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
         diffs = paired_differences(rows, args.baseline, args.column)
     except (OSError, KeyError, ValueError) as e:
-        print(f"error: cannot read {args.results_csv} as a results.csv or runs.csv: {e}", file=sys.stderr)
+        print(f"error: cannot read {files} as results.csv or runs.csv files: {e}", file=sys.stderr)
         return 2
     if not diffs:
-        print(f"error: no core shares seeds with --baseline {args.baseline} in {args.results_csv}", file=sys.stderr)
+        print(f"error: no core shares seeds with --baseline {args.baseline} in {files}", file=sys.stderr)
         return 2
-    kind = "variant" if rows and "variant" in rows[0] else "core"
+    kind = "variant" if any(r.get("variant") for r in rows) else "core"
     print(f"| {kind} - {args.baseline} | shift | mean over seeds | 95% CI | seeds |")
     print("|---|---|---|---|---|")
     for (core, shift), (mean, low, high, n) in diffs.items():
