@@ -42,9 +42,13 @@ def test_a_baseline_without_shared_seeds_is_one_line_and_exit_2(
 def test_several_files_are_read_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # An earlier study's cores in one file, a later study's variant on the same seeds in another.
     earlier = tmp_path / "earlier.csv"
-    earlier.write_text("env,variant,core,seed,shift,success_rate\npickup-1,lstm,lstm,0,none,0.9\npickup-1,lstm,lstm,1,none,0.7\n")
+    earlier.write_text(
+        "env,variant,core,seed,shift,success_rate\npickup-1,lstm,lstm,0,none,0.9\npickup-1,lstm,lstm,1,none,0.7\n"
+    )
     later = tmp_path / "later.csv"
-    later.write_text("env,variant,core,seed,shift,success_rate\npickup-1,rims-new,rims,0,none,1.0\npickup-1,rims-new,rims,1,none,0.9\n")
+    later.write_text(
+        "env,variant,core,seed,shift,success_rate\npickup-1,rims-new,rims,0,none,1.0\npickup-1,rims-new,rims,1,none,0.9\n"
+    )
     assert main([str(earlier), str(later), "--baseline", "lstm"]) == 0
     out = capsys.readouterr().out
     assert "| variant - lstm |" in out and "| rims-new | none | +0.150 | [+0.100, +0.200] | 2 |" in out
