@@ -179,7 +179,7 @@ def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
     code = (
         f"import rim_agents.config as c; assert c.CONFIG_DIR.is_relative_to({str(target)!r}), c.CONFIG_DIR; "
         "cfg = c.load_config('RIMAgents/Pickup-6x6-v0', 'rims'); "
-        "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 4"
+        "assert cfg.policy.features_extractor == 'minigrid' and cfg.rims.num_units == 8"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(target)})  # fmt: skip
@@ -271,15 +271,17 @@ def test_overrides_are_checked_together_not_one_by_one() -> None:
 
 @pytest.mark.parametrize(
     ("env", "default"),
-    [("CartPole-v1", (8, 7, "straight_through", 0.5)), ("RIMAgents/Pickup-6x6-v0", (4, 2, "hard", 0.0)),
+    [("CartPole-v1", (8, 7, "straight_through", 0.5)), ("RIMAgents/Pickup-6x6-v0", (8, 7, "straight_through", 0.5)),
      ("BreakoutNoFrameskip-v4", (6, 5, "hard", 0.0))],
 )  # fmt: skip
 def test_the_paper_rule_is_one_switch_away(env: str, default: tuple) -> None:
-    """The classic family trains the choice (straight-through, k annealed from K); the shipped
-    configs/paper_rule.yaml turns it back into the paper's hard top-k from the first step, keeping
-    the family's RIMs; MiniGrid and Atari already use the paper's rule, which it leaves as it is."""
+    """The classic and MiniGrid families train the choice (straight-through read from a detached
+    state, k annealed from K); the shipped configs/paper_rule.yaml turns it back into the paper's
+    hard top-k from the first step, keeping the family's RIMs; Atari already uses the paper's rule,
+    which it leaves as it is."""
     rims = load_config(env, "rims").rims
     assert (rims.num_units, rims.k_active, rims.selection, rims.k_anneal) == default
+    assert rims.st_state_gradient is False
     paper = load_config(env, "rims", CONFIG_DIR / "paper_rule.yaml").rims
     assert (paper.selection, paper.k_anneal) == ("hard", 0.0)
     assert dataclasses.replace(paper, selection=rims.selection, k_anneal=rims.k_anneal) == rims

@@ -36,7 +36,8 @@ class TrueTarget(th.nn.Module):
 
 
 def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking() -> None:
-    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8"]
+    paper_rule = ["rims.num_units=4", "rims.k_active=2", "rims.selection=hard", "rims.k_anneal=0.0"]
+    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8", *paper_rule]
     config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=overrides)
     env = make_env(config, 3, 7, shift_spec(config, "flicker-0.5"))
     model = build_model(config, env)
@@ -63,7 +64,13 @@ def test_errors_are_zero_for_the_true_target_one_for_none_and_split_by_blanking(
 
 
 def test_all_active_rims_never_switch() -> None:
-    overrides = ["policy.token_readout=true", "policy.cue_recall=1.0", "rims.unit_size=8", "rims.k_active=4"]
+    overrides = [
+        "policy.token_readout=true",
+        "policy.cue_recall=1.0",
+        "rims.unit_size=8",
+        "rims.num_units=4",
+        "rims.k_active=4",
+    ]
     config = load_config(env="RIMAgents/PickupCue-6x6-v0", core="rims", overrides=overrides)
     env = make_env(config, 2, 3)
     result = measure(build_model(config, env), env, episodes=2)

@@ -166,10 +166,10 @@ def test_the_shipped_specs_pin_the_rims_they_reported_and_name_todays_default(tm
                     0.5,
                 )
                 # As reported: the surrogate's gradient through the state too. Detached: the classic
-                # family's default (MiniGrid's keeps the paper's rule).
+                # and MiniGrid families' default.
                 detached = plan.variant.name == "rims-k8-7-st-anneal-detached"
                 assert trained and rims.st_state_gradient is not detached, (name, plan.key)
-                assert not detached or minigrid or rims == load_config(plan.config.env, "rims").rims, (name, plan.key)
+                assert not detached or rims == load_config(plan.config.env, "rims").rims, (name, plan.key)
             elif plan.config.core != "rims":
                 assert "rims" not in plan.config.identity(), (name, plan.key)
             seen.add(plan.variant.name)
