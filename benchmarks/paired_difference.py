@@ -12,8 +12,11 @@ are read as one (e.g. an earlier study's cores and a later study's new variant o
 
     python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/results.csv --baseline none
     python benchmarks/paired_difference.py runs/robustness-cue/results/runs.csv --baseline rims-all-active
-    python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/results.csv \
+    python benchmarks/paired_difference.py benchmarks/results/robustness_pickup1/runs.csv \
         benchmarks/results/robustness_pickup1/detached/runs.csv --baseline lstm
+
+Rows pair only within one env name, and a ``results.csv`` names the env by its id where a
+``runs.csv`` names it as the study spec does: combine files of one kind.
 """
 
 from __future__ import annotations
