@@ -872,3 +872,31 @@ def test_leak_anneal_sets_dormancy_in_gradually() -> None:
         make_core(anneal="soft")
     with pytest.raises(ValueError, match="anneal=leak changes the step"):
         make_core(k_anneal=0.5, anneal="leak", compile="default")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_forward_does_exactly_the_matrix_arithmetic_of_its_cost_model(cell: str) -> None:
+    """Every matrix product of a forward pass, counted by torch's flop counter, is one the cost
+    model in benchmarks/results/README.md names (input terms once per sequence, four state-dependent
+    products per step): no product is computed twice, per head or per dormant RIM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    K, d_h, d_k, value, Hc, ck = 4, 6, 5, 12, 2, 3
+    core = make_core(
+        num_units=K, k_active=3, unit_size=d_h, cell=cell, input_heads=1, input_key_size=d_k,
+        input_value_size=value, comm_heads=Hc, comm_key_size=ck, comm_gate=True, input_query_bias=True,
+    )  # fmt: skip
+    T, B = 7, 3
+    x = th.randn(T, B, D_IN)
+    state = random_state(core, B)
+    with FlopCounterMode(display=False) as counter:
+        core(x, state, th.zeros(T, B))
+    G = (4 if cell == "lstm" else 3) * d_h
+    per_sample = 2 * (
+        D_IN * d_k + D_IN * value  # shared key and value maps
+        + K * d_k * d_h + K * d_k  # each RIM's query folded into the key, and its bias
+        + K * value * G  # each RIM's cell input map folded into the value
+        + K * d_h * G  # the recurrent map
+        + K * d_h * Hc * 3 * ck + K * Hc * ck * d_h + K * d_h * d_h  # communication: qkv, output, gate
+    )  # fmt: skip
+    assert counter.get_total_flops() == per_sample * T * B
