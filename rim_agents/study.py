@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
@@ -991,9 +991,10 @@ def write_results(spec: StudySpec, root: Path, plans: list[RunPlan], state: Stud
     atomic_write_text(out / "table.md", variants_table(spec, entries, summary))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     for env in spec.envs:
-        png = learning_curves(env, [p for p in plans if p.env.name == env.name])
-        if png is not None:
-            atomic_write_bytes(out / f"curves_{env.name}.png", png)
+        curves = training_curves(env, [p for p in plans if p.env.name == env.name])
+        if curves:
+            atomic_write_bytes(out / f"curves_{env.name}.png", learning_curves(env, curves))
+            atomic_write_text(out / f"curves_{env.name}.csv", curves_csv(curves))
 
 
 def bars_metric(env: EnvSpec) -> str | None:
@@ -1132,9 +1133,19 @@ def variants_table(
     return head + "\n".join(lines)
 
 
-def learning_curves(env: EnvSpec, plans: list[RunPlan]) -> bytes | None:
-    """Training success (or return) against env steps: the mean over seeds per variant."""
-    series: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+class TrainingCurve(NamedTuple):
+    """One run's training curve: ``column`` of its progress CSVs against env ``steps``."""
+
+    plan: RunPlan
+    column: str
+    steps: np.ndarray
+    values: np.ndarray
+
+
+def training_curves(env: EnvSpec, plans: list[RunPlan]) -> list[TrainingCurve]:
+    """Each run's training success rate (or return, where the env's bars judge the return or it
+    reports no success) over the last 100 episodes; runs with fewer than two points are left out."""
+    curves = []
     metric = bars_metric(env)
     for p in plans:
         rows = read_progress(p.run_dir)
@@ -1142,14 +1153,34 @@ def learning_curves(env: EnvSpec, plans: list[RunPlan]) -> bytes | None:
         column = "rollout/success_rate" if metric != "return" and has_success else "rollout/ep_rew_mean"
         rows = [r for r in rows if r.get(column)]
         if len(rows) >= 2:
-            x = np.array([float(r["time/total_timesteps"]) for r in rows])
-            y = np.array([float(r[column]) for r in rows])
-            series.setdefault(p.variant.name, []).append((x, y))
-    if not series:
-        return None
-    steps = max(p.config.total_timesteps for p in plans)
+            steps = np.array([float(r["time/total_timesteps"]) for r in rows])
+            curves.append(TrainingCurve(p, column, steps, np.array([float(r[column]) for r in rows])))
+    return curves
+
+
+def learning_curves(env: EnvSpec, curves: list[TrainingCurve]) -> bytes:
+    """The curves as a PNG: the mean over seeds per variant, with its interval."""
+    series: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for curve in curves:
+        series.setdefault(curve.plan.variant.name, []).append((curve.steps, curve.values))
+    metric = bars_metric(env)
+    steps = max(c.plan.config.total_timesteps for c in curves)
     label = "success rate" if metric == "success" else "return" if metric == "return" else "success or return"
     return curves_png(series, steps, f"{env.name}: {env.env}", f"training {label} (last 100 episodes)")
+
+
+CURVES_CSV_COLUMNS = ["env", "variant", "seed", "steps", "column", "value"]
+
+
+def curves_csv(curves: list[TrainingCurve]) -> str:
+    """The curves' points, one row each: the study's results keep them when the run folders are gone."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CURVES_CSV_COLUMNS)
+    for c in curves:
+        for step, value in zip(c.steps, c.values, strict=True):
+            writer.writerow([c.plan.env.name, c.plan.variant.name, c.plan.seed, int(step), c.column, f"{value:.6g}"])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------- tuning

@@ -4,6 +4,7 @@ started again."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import yaml
 
 from rim_agents.cli import study_main
 from rim_agents.errors import UsageError
-from rim_agents.runs import CHECKPOINT_DIR, FINAL_MODEL, LOCK_FILE, checkpoint_step
+from rim_agents.runs import CHECKPOINT_DIR, FINAL_MODEL, LOCK_FILE, checkpoint_step, progress_points
 from rim_agents.study import (
     Bar,
     check_links,
@@ -222,6 +223,15 @@ def test_a_study_survives_a_killed_worker_and_trains_nothing_when_started_again(
     table = (out / "results" / "table.md").read_text()
     assert "| rims | 2 |" in table and "| lstm | 2 |" in table
     assert (out / "results" / "curves_pickup.png").stat().st_size > 0
+    # The curves' points are kept beside the figure, equal to each run's progress CSVs.
+    with (out / "results" / "curves_pickup.csv").open(newline="") as f:
+        points = list(csv.DictReader(f))
+    assert {(r["variant"], r["seed"]) for r in points} == {(v, s) for v in ("rims", "lstm") for s in ("0", "1")}
+    mine = [r for r in points if (r["variant"], r["seed"]) == ("rims", "0")]
+    expected = progress_points(victim, mine[0]["column"])
+    assert [(int(r["steps"]), float(r["value"])) for r in mine] == [
+        (step, pytest.approx(value, rel=1e-5)) for step, value in expected
+    ]
     assert (out / "results" / "runs.csv").read_text().count("\n") == 1 + 4 * 2  # a row per run and shift
 
     # Started again: nothing is trained (no attempt, no model rewritten), the results are the same.
