@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +30,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ppo_profile import per_phase
 from train_throughput import build
 
 
 def update_flops(model: Any) -> dict[str, float]:
     """GFLOP of one update (after a warm-up update), split into collecting and training."""
-    steps = model.n_envs * model.n_steps
-    model.learn(steps)
-    counts = {"collect": 0.0, "train": 0.0}
-    collect, train = model.collect_rollouts, model.train
 
-    def counted(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with FlopCounterMode(display=False) as counter:
-                out = fn(*args, **kwargs)
-            counts[name] += counter.get_total_flops() / 1e9
-            return out
+    def counted(call: Callable[[], Any]) -> tuple[Any, float]:
+        with FlopCounterMode(display=False) as counter:
+            out = call()
+        return out, counter.get_total_flops() / 1e9
 
-        return wrapper
-
-    model.collect_rollouts, model.train = counted("collect", collect), counted("train", train)
-    model.learn(steps, reset_num_timesteps=False)
-    model.collect_rollouts, model.train = collect, train
-    return counts
+    return per_phase(model, 1, counted)
 
 
 def gemm_rate(rounds: int, n: int = 1024) -> float:

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +44,40 @@ def forward_ms(model: Any) -> float | None:
     return statistics.median(times[10:]) * 1000
 
 
-def split(model: Any, updates: int) -> dict[str, float]:
-    """Mean seconds per update spent collecting and training."""
+def per_phase(model: Any, updates: int, measure: Callable[[Callable[[], Any]], tuple[Any, float]]) -> dict[str, float]:
+    """Mean per update, after one warm-up update, of what ``measure`` returns for each call of
+    collecting (``collect_rollouts``) and of training (``train``); ``measure(call)`` runs ``call``
+    and returns its result and the amount."""
     steps = model.n_envs * model.n_steps
     model.learn(steps)
-    spent = {"collect": 0.0, "train": 0.0}
+    totals = {"collect": 0.0, "train": 0.0}
     collect, train = model.collect_rollouts, model.train
 
-    def timed(name: str, fn: Any) -> Any:
+    def measured(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            spent[name] += time.perf_counter() - start
+            out, amount = measure(lambda: fn(*args, **kwargs))
+            totals[name] += amount
             return out
 
         return wrapper
 
-    model.collect_rollouts, model.train = timed("collect", collect), timed("train", train)
-    model.learn(updates * steps, reset_num_timesteps=False)
-    return {k: v / updates for k, v in spent.items()}
+    model.collect_rollouts, model.train = measured("collect", collect), measured("train", train)
+    try:
+        model.learn(updates * steps, reset_num_timesteps=False)
+    finally:
+        model.collect_rollouts, model.train = collect, train
+    return {k: v / updates for k, v in totals.items()}
+
+
+def split(model: Any, updates: int) -> dict[str, float]:
+    """Mean seconds per update spent collecting and training."""
+
+    def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+        start = time.perf_counter()
+        out = call()
+        return out, time.perf_counter() - start
+
+    return per_phase(model, updates, timed)
 
 
 def main() -> None:
