@@ -518,7 +518,7 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
     def key(config: TrainConfig) -> tuple[str, int, int]:
         return json.dumps(config.identity(), sort_keys=True, default=str), config.seed, config.total_timesteps
 
-    found: dict[tuple[str, int, int], Path] = {}
+    found: dict[tuple[str, int, int], tuple[Path, Path]] = {}  # -> (run folder, its evaluation there)
     for source in sources:
         for config_file in sorted((source / STUDY_RUNS_DIR).glob(f"*/*/s*/{CONFIG_FILE}")):
             run_dir = config_file.parent
@@ -527,19 +527,26 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
             except UsageError:
                 continue
             if is_finished(run_dir, saved.total_timesteps):  # its last update may overshoot the budget
-                found.setdefault(key(saved), run_dir.resolve())
+                where = run_dir.relative_to(source / STUDY_RUNS_DIR)
+                evaluation = source / EVAL_DIR / where.parent / f"{where.name}.json"
+                found.setdefault(key(saved), (run_dir.resolve(), evaluation))
     linked: dict[str, Path] = {}
     for plan in plans:
         if plan.run_dir.exists() or plan.run_dir.is_symlink():
             continue
-        match = found.get(key(plan.config))
-        if match is None:
+        if key(plan.config) not in found:
             continue
+        match, evaluation = found[key(plan.config)]
         plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
         plan.run_dir.symlink_to(match, target_is_directory=True)
         log = match.with_name(f"{match.name}.log")
         if log.is_file():
             plan.log.symlink_to(log)
+        if evaluation.is_file() and not plan.evaluation_file.exists():
+            # The source's cached evaluation: used only while its model and settings are this study's
+            # (evaluate_run checks), so a study with other shifts evaluates again.
+            plan.evaluation_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(plan.evaluation_file, evaluation.read_text())
         linked[plan.key] = match
     return linked
 
@@ -621,7 +628,7 @@ def evaluate_run(run_dir: str, evaluation: EvalSpec, cache: str) -> dict[str, An
     path = Path(cache)
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("key") == json.loads(json.dumps(key)):
+        if _same_evaluation(cached.get("key"), json.loads(json.dumps(key))):
             return cached["result"]
     started = time.time()
     shifts = evaluation.shifts if evaluation.shifts == "all" else list(evaluation.shifts)
@@ -638,6 +645,18 @@ def evaluate_run(run_dir: str, evaluation: EvalSpec, cache: str) -> dict[str, An
     result["wall_s"] = round(time.time() - started, 1)
     atomic_write_text(path, json.dumps({"key": key, "result": result}) + "\n")
     return result
+
+
+def _same_evaluation(cached: Any, key: dict[str, Any]) -> bool:
+    """Whether a cached evaluation's key names the same model file (through any link: a run linked
+    from another study reads the evaluation that study cached), steps and settings as ``key``."""
+    if not isinstance(cached, dict) or set(cached) != set(key):
+        return False
+    mine, theirs = key["model"], cached["model"]
+    same_model = mine == theirs or (
+        mine is not None and theirs is not None and Path(mine).resolve() == Path(theirs).resolve()
+    )
+    return same_model and all(cached[k] == key[k] for k in key if k != "model")
 
 
 def checkpoint_result(data: dict[str, Any]) -> CheckpointResult:

@@ -25,6 +25,7 @@ from rim_agents.study import (
     Bar,
     check_links,
     env_evaluation,
+    evaluate_run,
     load_spec,
     parse_seeds,
     plan_runs,
@@ -312,6 +313,14 @@ def test_a_study_reuses_what_another_study_trained_with_the_same_settings_only(
     fake_finished_run(by_key["pickup/lstm/s1"].run_dir, other, 128)
     (by_key["pickup/rims/s1"].run_dir.parent / "s2").mkdir()  # an unfinished run: no model, not linked
 
+    # The source's cached evaluation of pickup/rims/s1, as evaluate_run writes it.
+    evaluation = env_evaluation(source_spec, source_spec.envs[0])
+    cache_key = {"model": str(by_key["pickup/rims/s1"].run_dir / FINAL_MODEL), "steps": 136}
+    cache_key["settings"] = dataclasses.asdict(evaluation)
+    cached = {"key": cache_key, "result": {"name": "cached there"}}
+    by_key["pickup/rims/s1"].evaluation_file.parent.mkdir(parents=True)
+    by_key["pickup/rims/s1"].evaluation_file.write_text(json.dumps(cached))
+
     out = tmp_path / "robustness"
     plans = plan_runs(spec_from_dict(tiny_spec(128)), out)
     linked = reuse_runs(plans, [src])
@@ -323,6 +332,13 @@ def test_a_study_reuses_what_another_study_trained_with_the_same_settings_only(
         assert plan.run_dir.is_symlink() == (plan.key in linked)
     assert (plans[1].run_dir.parent / "s0.log").read_text() == "trained\n"
     check_links(plans)  # every link is finished at this budget
+    # The linked run's evaluation comes with it and is used (its stub model could not be evaluated)
+    # while the model and the settings are the same; other settings evaluate again.
+    here = {p.key: p for p in plans}["pickup/rims/s1"]
+    assert evaluate_run(str(here.run_dir), evaluation, str(here.evaluation_file)) == {"name": "cached there"}
+    assert not {p.key: p for p in plans}["pickup/lstm/s0"].evaluation_file.exists()  # none there to copy
+    with pytest.raises(Exception):  # noqa: B017 (the stub is no model: evaluating it fails)
+        evaluate_run(str(here.run_dir), dataclasses.replace(evaluation, episodes=3), str(here.evaluation_file))
     assert reuse_runs(plans, [src]) == {}  # started again: nothing new, nothing replaced
 
     # A larger budget for the same folder: the linked run is not trained here, the start is refused.
