@@ -33,7 +33,7 @@ from rim_agents.runs import (
 )
 from rim_agents.shifts import __doc__ as shifts_doc
 from rim_agents.shifts import shift_spec
-from rim_agents.study import STUDY_FILE, load_spec, narrow, run_study, write_study_results
+from rim_agents.study import STUDY_FILE, RayStartError, load_spec, narrow, run_study, write_study_results
 from rim_agents.training import Interrupted, train
 from rim_agents.visualize import (
     action_names,
@@ -298,7 +298,8 @@ def study_parser() -> argparse.ArgumentParser:
 
 def study_main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the study. Returns the exit code: 0, 1 when some runs failed (the
-    results hold the others), 2 on bad input, 130 when interrupted (continue with the same command)."""
+    results hold the others) or Ray did not start, 2 on bad input, 130 when interrupted (continue with
+    the same command)."""
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -324,6 +325,9 @@ def study_main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RayStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: running runs saved checkpoints; run the same command to continue", file=sys.stderr)
         return 130

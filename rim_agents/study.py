@@ -764,6 +764,10 @@ class Progress:
         )
 
 
+class RayStartError(RuntimeError):
+    """Ray could not start its local node (a busy or short-of-memory machine): not the user's input."""
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -788,6 +792,15 @@ def start_ray(address: str | None, max_parallel: int | None) -> dict[str, Any]:
         context = ray.init(**kwargs)
     except ConnectionError as e:
         raise UsageError(f"cannot reach the Ray cluster at {address}: {e}; start it with ray start --head") from None
+    except Exception as e:  # Ray's own start-up failures, e.g. "The current node timed out during startup"
+        if address is not None:
+            raise
+        ray.shutdown()  # what started of it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RayStartError(
+            f"Ray did not start on this machine ({first}); nothing was trained: run the same command again, "
+            "when the machine is less busy"
+        ) from None
     dashboard = getattr(context, "dashboard_url", None) or None
     return {
         "address": address or "local",

@@ -548,3 +548,25 @@ def test_runs_csv_names_each_variant_and_pairs_them_by_seed(tmp_path: Path) -> N
     # Named by core only (evaluate.py's results.csv), the two variants cannot be told apart: refused.
     with pytest.raises(ValueError, match="two runs of 'rims' on seed 0 under 'none'"):
         paired_differences([{k: v for k, v in r.items() if k != "variant"} for r in rows], "none")
+
+
+def test_ray_that_does_not_start_is_one_line_and_leaves_no_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """On a busy machine Ray's local node can time out while starting: the study says so in one line
+    (exit 1: not the user's input), trains nothing and writes no results."""
+    import ray
+
+    def init(**kwargs: object) -> None:
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the raylet "
+            "failed to startup or the GCS has become overloaded."
+        )
+
+    monkeypatch.setattr(ray, "init", init)
+    out = tmp_path / "study"
+    assert study_main([str(write_spec(tmp_path, tiny_spec(64))), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Ray did not start" in err and "timed out during startup" in err and "run the same command again" in err
+    assert not (out / "runs").exists() and not (out / "results").exists()
