@@ -1058,6 +1058,12 @@ def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[
     return bar.passes(value, reference)
 
 
+def _reference_present(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
+    """Whether a relative bar's named variant has a run of ``plan``'s seed among ``mine`` (true for
+    an absolute bar)."""
+    return bar.of is None or any(p.variant.name == bar.of and p.seed == plan.seed for p, _ in mine)
+
+
 def _score(result: CheckpointResult, metric: str, shift: str = "none") -> float | None:
     if metric == "train_return":
         rows = [r for r in read_progress(Path(result.run_dir)) if r.get("rollout/ep_rew_mean")]
@@ -1153,6 +1159,14 @@ def variants_table(
                 met = sum(passed) / len(passed) >= need
                 text = f"{' and '.join(bar.condition() for bar in bars)} on {need:.0%} of seeds"
                 verdict = f"{sum(passed)}/{len(passed)} {'met' if met else 'missed'} ({text})"
+                # A relative bar without the named variant's run of the same seed is not passed; say so.
+                unmatched = sorted(
+                    {bar.of for bar in bars for p, _ in runs if bar.of and not _reference_present(bar, p, mine)}
+                )
+                if unmatched:
+                    seeds = sorted({p.seed for bar in bars for p, _ in runs if not _reference_present(bar, p, mine)})
+                    verdict += f"; no {', '.join(unmatched)} run of seed {', '.join(map(str, seeds))} here"
+                    row["without_reference"] = seeds
                 row.update(bar=text, passing=sum(passed), seeds=len(passed), met=met)
             summary.append(row)
             per_seed = " ".join(f"{s}: {v:.2f}" for s, v in scores if v is not None)

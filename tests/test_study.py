@@ -435,7 +435,7 @@ def test_a_second_study_process_on_one_folder_is_refused(tmp_path: Path, capsys:
 
 def test_a_variant_may_have_several_bars_and_train_return_reads_the_training_curve(tmp_path: Path) -> None:
     from rim_agents.evaluation import CheckpointResult
-    from rim_agents.study import _passes, _score
+    from rim_agents.study import _passes, _reference_present, _score
 
     data = tiny_spec()
     data["envs"]["pickup"]["bars"] = {
@@ -455,8 +455,12 @@ def test_a_variant_may_have_several_bars_and_train_return_reads_the_training_cur
     assert _score(results["pickup/rims/s0"], "train_return") == 9.0  # the last logged value
     mine = [(plans[k], r) for k, r in results.items()]
     assert all(_passes(b, plans["pickup/rims/s0"], results["pickup/rims/s0"], mine) for b in bars)  # 9 >= 5, >= 8
-    # seed 1 has no lstm run to compare with: the relative bar is not passed
+    # seed 1 has no lstm run to compare with: the relative bar is not passed, and the table says why
     assert not all(_passes(b, plans["pickup/rims/s1"], results["pickup/rims/s1"], mine) for b in bars)
+    assert _reference_present(bars[1], plans["pickup/rims/s0"], mine)
+    assert not _reference_present(bars[1], plans["pickup/rims/s1"], mine) and _reference_present(
+        bars[0], plans["pickup/rims/s1"], mine
+    )
 
 
 def test_training_time_is_read_from_the_runs_own_logs_every_resume_included(tmp_path: Path) -> None:
