@@ -103,6 +103,21 @@ def _value(result: GroupShiftResult | None, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def zero_based_ylim(ax: Any) -> None:
+    """Anchor a bar chart's y axis at 0 on the side the bars grow from: bars of returns >= 0 rise
+    from 0 (the axis starts there), bars of returns <= 0 hang from it (Pendulum, MountainCar), and
+    mixed signs keep matplotlib's range, which holds both. An all-zero chart gets [0, 1]."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return
+    if low >= 0 and high <= 0:
+        ax.set_ylim(0, 1)
+    elif low >= 0:
+        ax.set_ylim(bottom=0)
+    elif high <= 0:
+        ax.set_ylim(top=0)
+
+
 def chart_png(results: EvaluationResults) -> bytes:
     """Bars of IQM return per group (core) and shift, with 95% intervals."""
     import matplotlib
@@ -133,7 +148,7 @@ def chart_png(results: EvaluationResults) -> bytes:
     ax.set_xticks(x, shift_names, rotation=20, ha="right")
     ax.set_ylabel("IQM success rate" if use_success else "IQM return")
     ax.set_title(f"{groups[0].env}: robustness to shifts (95% CI)" if groups else "")
-    ax.set_ylim(bottom=0)
+    zero_based_ylim(ax)
     ax.grid(axis="y", alpha=0.3)
     # Below the axes, so that it never hides a bar.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(groups) > 1 else 1, fontsize="small")

@@ -243,3 +243,36 @@ def test_an_interrupted_extension_is_evaluated_at_its_newest_checkpoint(
     ckpt = resolve_checkpoint(run)
     assert ckpt.path.name == f"step_{model.num_timesteps:012d}.zip"
     assert ckpt.model.num_timesteps == model.num_timesteps
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([3.0, 5.0], "bottom at 0"),  # returns >= 0: bars rise from the axis
+        ([-1200.0, -150.0], "top at 0"),  # Pendulum-like returns: bars hang from 0, all visible
+        ([-2.0, 4.0], "both"),  # mixed signs: the range holds both
+        ([0.0, 0.0], "unit"),  # nothing learnt anywhere: a readable, non-singular axis
+    ],
+)
+def test_bar_charts_keep_every_bar_on_the_axis(values: list[float], expected: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rim_agents.report import zero_based_ylim
+
+    fig, ax = plt.subplots()
+    intervals = np.zeros(len(values)) if expected == "unit" else np.ones(len(values))
+    ax.bar(range(len(values)), values, yerr=intervals)
+    zero_based_ylim(ax)
+    low, high = ax.get_ylim()
+    plt.close(fig)
+    assert low < high
+    assert low <= min(values) and high >= max(values)
+    if expected == "bottom at 0":
+        assert low == 0.0
+    elif expected == "top at 0":
+        assert high == 0.0
+    elif expected == "unit":
+        assert (low, high) == (0.0, 1.0)
