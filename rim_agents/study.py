@@ -97,8 +97,10 @@ class Bar:
     of: str | None = None
 
     def passes(self, value: float, reference: float | None = None) -> bool:
+        """Whether ``value`` passes; a relative bar needs a positive ``reference`` (a factor of a
+        return of 0 or below, as on Pendulum, says nothing about which run did better)."""
         if self.of is not None:
-            if reference is None:
+            if reference is None or not reference > 0:
                 return False
             low = None if self.min is None else self.min * reference
             high = None if self.max is None else self.max * reference
@@ -1046,16 +1048,18 @@ def display_metric(env: EnvSpec, result: CheckpointResult) -> str:
     return bars_metric(env) or ("success" if _score(result, "success") is not None else "return")
 
 
+def _reference(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> float | None:
+    """A relative bar's reference: the named variant's value on ``plan``'s seed (None if absent)."""
+    ref = [c for p, c in mine if p.variant.name == bar.of and p.seed == plan.seed]
+    return _score(ref[0], bar.metric) if ref else None
+
+
 def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
     """Whether one run passes ``bar`` (a relative bar reads the named variant's run of the same seed)."""
     value = _score(result, bar.metric)
     if value is None:
         return False
-    reference = None
-    if bar.of is not None:
-        ref = [c for p, c in mine if p.variant.name == bar.of and p.seed == plan.seed]
-        reference = _score(ref[0], bar.metric) if ref else None
-    return bar.passes(value, reference)
+    return bar.passes(value, _reference(bar, plan, mine) if bar.of is not None else None)
 
 
 def _reference_present(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
@@ -1167,6 +1171,18 @@ def variants_table(
                     seeds = sorted({p.seed for bar in bars for p, _ in runs if not _reference_present(bar, p, mine)})
                     verdict += f"; no {', '.join(unmatched)} run of seed {', '.join(map(str, seeds))} here"
                     row["without_reference"] = seeds
+                # ... and so is one whose reference is 0 or below (a factor of it is undefined).
+                unsigned = sorted(
+                    {
+                        p.seed
+                        for bar in bars
+                        for p, _ in runs
+                        if bar.of and (ref := _reference(bar, p, mine)) is not None and not ref > 0
+                    }
+                )
+                if unsigned:
+                    verdict += f"; the reference is not positive on seed {', '.join(map(str, unsigned))}"
+                    row["reference_not_positive"] = unsigned
                 row.update(bar=text, passing=sum(passed), seeds=len(passed), met=met)
             summary.append(row)
             per_seed = " ".join(f"{s}: {v:.2f}" for s, v in scores if v is not None)

@@ -463,6 +463,35 @@ def test_a_variant_may_have_several_bars_and_train_return_reads_the_training_cur
     )
 
 
+def test_a_relative_bar_against_a_return_of_zero_or_below_is_not_passed_and_the_table_says_why(
+    tmp_path: Path,
+) -> None:
+    from rim_agents.evaluation import CheckpointResult
+    from rim_agents.study import Bar, variants_table
+
+    # Pendulum-like returns: 0.8x of -1000 is -800, which would ask the run to beat the reference.
+    bar = Bar(metric="train_return", min=0.8, of="none")
+    assert not bar.passes(-900.0, -1000.0) and not bar.passes(5.0, 0.0)
+    assert bar.passes(9.0, 10.0) and not bar.passes(7.0, 10.0)
+    data = tiny_spec()
+    data["variants"] = {"none": {"core": "none"}, "rims": {"core": "rims"}}
+    data["envs"]["pickup"]["bars"] = {"rims": {"metric": "train_return", "min": 0.8, "of": "none"}}
+    spec = spec_from_dict(data)
+    entries = []
+    values = {("none", 0): 10.0, ("rims", 0): 9.0, ("none", 1): -1000.0, ("rims", 1): -900.0}
+    for p in plan_runs(spec, tmp_path):
+        tb = p.run_dir / "tb"
+        tb.mkdir(parents=True)
+        value = values[(p.variant.name, p.seed)]
+        (tb / "progress.csv").write_text(f"time/total_timesteps,rollout/ep_rew_mean\n128,{value}\n")
+        entries.append((p, CheckpointResult("m", str(p.run_dir), "e", p.variant.core, p.seed, 128, "g")))
+    summary: list[dict] = []
+    table = variants_table(spec, entries, summary)
+    rims = next(row for row in summary if row["variant"] == "rims")
+    assert rims["passing"] == 1 and rims["reference_not_positive"] == [1]
+    assert "1/2 missed" in table and "the reference is not positive on seed 1" in table
+
+
 def test_training_time_is_read_from_the_runs_own_logs_every_resume_included(tmp_path: Path) -> None:
     from rim_agents.runs import train_seconds
 
