@@ -536,9 +536,10 @@ def reuse_runs(plans: list[RunPlan], sources: list[Path]) -> dict[str, Path]:
     for plan in plans:
         if plan.run_dir.exists() or plan.run_dir.is_symlink():
             continue
-        if key(plan.config) not in found:
+        hit = found.get(key(plan.config))
+        if hit is None:
             continue
-        match, evaluation = found[key(plan.config)]
+        match, evaluation = hit
         plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
         plan.run_dir.symlink_to(match, target_is_directory=True)
         log = match.with_name(f"{match.name}.log")
@@ -1048,10 +1049,15 @@ def display_metric(env: EnvSpec, result: CheckpointResult) -> str:
     return bars_metric(env) or ("success" if _score(result, "success") is not None else "return")
 
 
+def _reference_run(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> CheckpointResult | None:
+    """A relative bar's reference: the named variant's run of ``plan``'s seed among ``mine``."""
+    return next((c for p, c in mine if p.variant.name == bar.of and p.seed == plan.seed), None)
+
+
 def _reference(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> float | None:
-    """A relative bar's reference: the named variant's value on ``plan``'s seed (None if absent)."""
-    ref = [c for p, c in mine if p.variant.name == bar.of and p.seed == plan.seed]
-    return _score(ref[0], bar.metric) if ref else None
+    """A relative bar's reference value on ``plan``'s seed (None without the run or its value)."""
+    run = _reference_run(bar, plan, mine)
+    return None if run is None else _score(run, bar.metric)
 
 
 def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
@@ -1065,7 +1071,7 @@ def _passes(bar: Bar, plan: RunPlan, result: CheckpointResult, mine: list[tuple[
 def _reference_present(bar: Bar, plan: RunPlan, mine: list[tuple[RunPlan, CheckpointResult]]) -> bool:
     """Whether a relative bar's named variant has a run of ``plan``'s seed among ``mine`` (true for
     an absolute bar)."""
-    return bar.of is None or any(p.variant.name == bar.of and p.seed == plan.seed for p, _ in mine)
+    return bar.of is None or _reference_run(bar, plan, mine) is not None
 
 
 def _score(result: CheckpointResult, metric: str, shift: str = "none") -> float | None:
@@ -1163,24 +1169,25 @@ def variants_table(
                 met = sum(passed) / len(passed) >= need
                 text = f"{' and '.join(bar.condition() for bar in bars)} on {need:.0%} of seeds"
                 verdict = f"{sum(passed)}/{len(passed)} {'met' if met else 'missed'} ({text})"
-                # A relative bar without the named variant's run of the same seed is not passed; say so.
-                unmatched = sorted(
-                    {bar.of for bar in bars for p, _ in runs if bar.of and not _reference_present(bar, p, mine)}
-                )
-                if unmatched:
-                    seeds = sorted({p.seed for bar in bars for p, _ in runs if not _reference_present(bar, p, mine)})
-                    verdict += f"; no {', '.join(unmatched)} run of seed {', '.join(map(str, seeds))} here"
+                # A relative bar is not passed without the named variant's run of the same seed, or
+                # when that run's value is 0 or below (a factor of it is undefined); say which.
+                unmatched: set[str] = set()
+                missing: set[int] = set()
+                unsigned_seeds: set[int] = set()
+                for bar in (b for b in bars if b.of is not None):
+                    for p, _ in runs:
+                        reference = _reference_run(bar, p, mine)
+                        if reference is None:
+                            unmatched.add(str(bar.of))
+                            missing.add(p.seed)
+                        elif (ref := _score(reference, bar.metric)) is not None and not ref > 0:
+                            unsigned_seeds.add(p.seed)
+                if missing:
+                    seeds = sorted(missing)
+                    verdict += f"; no {', '.join(sorted(unmatched))} run of seed {', '.join(map(str, seeds))} here"
                     row["without_reference"] = seeds
-                # ... and so is one whose reference is 0 or below (a factor of it is undefined).
-                unsigned = sorted(
-                    {
-                        p.seed
-                        for bar in bars
-                        for p, _ in runs
-                        if bar.of and (ref := _reference(bar, p, mine)) is not None and not ref > 0
-                    }
-                )
-                if unsigned:
+                if unsigned_seeds:
+                    unsigned = sorted(unsigned_seeds)
                     verdict += f"; the reference is not positive on seed {', '.join(map(str, unsigned))}"
                     row["reference_not_positive"] = unsigned
                 row.update(bar=text, passing=sum(passed), seeds=len(passed), met=met)
