@@ -5,12 +5,17 @@ Variants, all in this process and interleaved round by round:
 
 - ``ppo-cnn``: feed-forward PPO with SB3's ``CnnPolicy`` (4 stacked frames);
 - ``stock-lstm``: sb3-contrib ``RecurrentPPO`` with ``CnnLstmPolicy``, 128 hidden, no critic LSTM;
+- ``ours-none`` (not in the default list): ``RIMPPO`` + ``RIMPolicy(core="none")``, the package's
+  feed-forward control (configs/atari.yaml);
 - ``ours-lstm``: ``RIMPPO`` + ``RIMPolicy(core="lstm")``, 128 hidden (configs/atari.yaml);
 - ``ours-rims``: ``RIMPPO`` + ``RIMPolicy(core="rims")`` with configs/atari.yaml's RIM settings;
 - ``ours-rims-compiled`` (not in the default list): the same with ``rims.compile`` (its compile
   time falls in the warm-up iteration, which is not timed; it is printed);
 - ``ours-rims-graphs`` (not in the default list; CUDA): the same with ``rims.cuda_graphs=true``, the
-  whole unroll replayed as CUDA graphs (recorded in the warm-up iteration, printed).
+  whole unroll replayed as CUDA graphs (recorded in the warm-up iteration, printed);
+- any ``ours-*`` with ``-nchw`` appended: the same with the NatureCNN's convolutions in SB3's
+  channels-first layout (``policy.features_extractor_kwargs.channels_last=false``), to measure
+  what the channels-last default gains in the same run.
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
@@ -45,10 +50,14 @@ COMMON: dict[str, Any] = {
 
 
 def build(name: str, seed: int, device: str = "cpu") -> Any:
-    core = "rims" if name.startswith("ours-rims") else "lstm"
+    core = next((c for c in ("rims", "none") if name.startswith(f"ours-{c}")), "lstm")
     mode = "reduce-overhead" if device == "cuda" else "default"
+    base = name.removesuffix("-nchw")
     overrides = {"ours-rims-compiled": [f"rims.compile={mode}"], "ours-rims-graphs": ["rims.cuda_graphs=true"]}
-    config = load_config(ENV, core, overrides=overrides.get(name, []), flags={"seed": seed, "device": device})
+    chosen = list(overrides.get(base, []))
+    if name.endswith("-nchw"):
+        chosen.append("policy.features_extractor_kwargs.channels_last=false")
+    config = load_config(ENV, core, overrides=chosen, flags={"seed": seed, "device": device})
     env = make_env(config)
     if name == "ppo-cnn":
         return PPO("CnnPolicy", env, seed=seed, device=device, **COMMON)
@@ -79,7 +88,7 @@ def main() -> None:
     for name, model in models.items():  # warm-up: one iteration each
         start = time.perf_counter()
         model.learn(steps_per_update)
-        if name in ("ours-rims-compiled", "ours-rims-graphs"):
+        if name.removesuffix("-nchw") in ("ours-rims-compiled", "ours-rims-graphs"):
             print(f"{name}: warm-up iteration (compiles or records) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
@@ -92,11 +101,14 @@ def main() -> None:
         f"{ENV}, 8 envs x 128 steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
         f"{th.get_num_threads()} torch threads, device {args.device}"
     )
-    print(f"{'variant':<20}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}   all rounds")
+    print(
+        f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}   all rounds"
+    )
     for name, m in med.items():
-        vs_stock = f"{m / med['stock-lstm']:.2f}x" if "stock-lstm" in med else "-"
-        vs_ff = f"{m / med['ppo-cnn']:.2f}x" if "ppo-cnn" in med else "-"
-        print(f"{name:<20}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}   {', '.join(f'{r:.1f}' for r in rates[name])}")
+        ratios = (f"{m / med[base]:.2f}x" if base in med else "-" for base in ("stock-lstm", "ppo-cnn", "ours-none"))
+        vs_stock, vs_ff, vs_own = ratios
+        rounds = ", ".join(f"{r:.1f}" for r in rates[name])
+        print(f"{name:<24}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}{vs_own:>14}   {rounds}")
 
 
 if __name__ == "__main__":

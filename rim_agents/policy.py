@@ -44,12 +44,13 @@ import numpy as np
 import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor, NatureCNN
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cores import CORES, FeedForwardCore, add_forget_bias, build_core, core_hidden_size, unroll
+from rim_agents.extractors import NatureCNN
 from rim_agents.normalization import NormalizedObservations
 from rim_agents.rim import AddAuxiliaryLoss, RIMCore, SelectionRequest
 
@@ -452,7 +453,7 @@ def _no_readout_tokens(extractor: str) -> ValueError:
 
 
 class CnnRIMPolicy(RIMPolicy):
-    """:class:`RIMPolicy` with SB3's ``NatureCNN`` as the default feature extractor."""
+    """:class:`RIMPolicy` with ``NatureCNN`` (SB3's, channels-last) as the default feature extractor."""
 
     def __init__(self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN, **kwargs: Any):
         super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
