@@ -105,10 +105,9 @@ def main() -> None:
         f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}   all rounds"
     )
     for name, m in med.items():
-        ratios = (f"{m / med[base]:.2f}x" if base in med else "-" for base in ("stock-lstm", "ppo-cnn", "ours-none"))
-        vs_stock, vs_ff, vs_own = ratios
+        vs = [f"{m / med[base]:.2f}x" if base in med else "-" for base in ("stock-lstm", "ppo-cnn", "ours-none")]
         rounds = ", ".join(f"{r:.1f}" for r in rates[name])
-        print(f"{name:<24}{m:>16.1f}{vs_stock:>15}{vs_ff:>12}{vs_own:>14}   {rounds}")
+        print(f"{name:<24}{m:>16.1f}{vs[0]:>15}{vs[1]:>12}{vs[2]:>14}   {rounds}")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def conv_input(images: th.Tensor, channels_last: bool | str) -> th.Tensor:
     """``images`` ``(B, C, H, W)`` in the layout the convolutions should run in.
 
     Channels-last (NHWC) lets oneDNN's convolutions skip their own reordering: on this project's
-    2-core CPU, NatureCNN's forward and backward over a minibatch of 256 Atari frames took 0.35 s
-    against 0.51 s (one thread), and PPO on Breakout ran 1.09-1.14x faster end to end
+    2-core CPU, NatureCNN's forward and backward over a minibatch of 256 Atari frames took 0.36 s
+    against 0.51 s (one thread, two trainings sharing the machine), and PPO on Breakout ran 1.09-1.14x faster end to end
     (``benchmarks/train_throughput.py``, variants with and without ``-nchw``). The values are the
     same products summed in another order: outputs agree with the NCHW layout to float rounding.
     ``auto`` uses it on the CPU only; on CUDA it is not measured, so ``auto`` leaves the layout alone.
