@@ -26,7 +26,8 @@ if [ "$DEVICE" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cu
   exit 2
 fi
 if [ "$QUICK" = 1 ]; then
-  CORE=(--rounds 1 --warmup 0 --steps 8); TRAIN=(--rounds 1 --updates 1); MEM=(--cores none,rims)
+  CORE=(--rounds 1 --warmup 0 --steps 8); TRAIN=(--rounds 1 --updates 1 --warmup 0 --n-steps 32)
+  MEM=(--cores none,rims --n-steps 32)
   VARIANTS=ppo-cnn,ours-lstm,ours-rims
 else
   CORE=(--rounds 15 --compile); TRAIN=(--rounds 3 --updates 2); MEM=(--cores none,lstm,rims)

@@ -15,12 +15,20 @@ Variants, all in this process and interleaved round by round:
   whole unroll replayed as CUDA graphs (recorded in the warm-up iteration, printed);
 - any ``ours-*`` with ``-nchw`` appended: the same with the NatureCNN's convolutions in SB3's
   channels-first layout (``policy.features_extractor_kwargs.channels_last=false``), to measure
-  what the channels-last default gains in the same run.
+  what the channels-last default gains in the same run;
+- any ``ours-*`` with ``-unfused`` appended: the same with Adam's per-tensor step
+  (``policy.optimizer_kwargs.fused=false``) instead of the fused kernel (suffixes combine, in the
+  order ``-nchw-unfused``).
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
+With ``--train-only`` a round times ``--updates`` calls of ``model.train()`` on the warm-up's rollout
+(the env's and the rollout's noise left out): steps/s are then the rollout's 1,024 steps per update.
 
-    python benchmarks/train_throughput.py [--rounds 3] [--updates 2] [--device cuda]
+    python benchmarks/train_throughput.py [--rounds 3] [--updates 2] [--train-only] [--device cuda]
+
+``--n-steps`` (a multiple of the 32-step training sequences) and ``--warmup 0`` shorten a run
+whose point is the path, not the figures (``gpu_check.sh --quick``).
 """
 
 from __future__ import annotations
@@ -49,18 +57,28 @@ COMMON: dict[str, Any] = {
 }
 
 
-def build(name: str, seed: int, device: str = "cpu") -> Any:
+def variant_base(name: str) -> str:
+    """The variant without its ``-nchw`` / ``-unfused`` suffixes."""
+    return name.removesuffix("-unfused").removesuffix("-nchw")
+
+
+def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
     core = next((c for c in ("rims", "none") if name.startswith(f"ours-{c}")), "lstm")
     mode = "reduce-overhead" if device == "cuda" else "default"
-    base = name.removesuffix("-nchw")
+    base = variant_base(name)
     overrides = {"ours-rims-compiled": [f"rims.compile={mode}"], "ours-rims-graphs": ["rims.cuda_graphs=true"]}
     chosen = list(overrides.get(base, []))
-    if name.endswith("-nchw"):
+    if "-nchw" in name:
         chosen.append("policy.features_extractor_kwargs.channels_last=false")
+    if name.endswith("-unfused"):
+        chosen.append("policy.optimizer_kwargs.fused=false")
+    if n_steps != COMMON["n_steps"]:
+        chosen.append(f"ppo.n_steps={n_steps}")
+    common = {**COMMON, "n_steps": n_steps}
     config = load_config(ENV, core, overrides=chosen, flags={"seed": seed, "device": device})
     env = make_env(config)
     if name == "ppo-cnn":
-        return PPO("CnnPolicy", env, seed=seed, device=device, **COMMON)
+        return PPO("CnnPolicy", env, seed=seed, device=device, **common)
     if name == "stock-lstm":
         return RecurrentPPO(
             "CnnLstmPolicy",
@@ -68,7 +86,7 @@ def build(name: str, seed: int, device: str = "cpu") -> Any:
             seed=seed,
             device=device,
             policy_kwargs={"lstm_hidden_size": 128, "enable_critic_lstm": False},
-            **COMMON,
+            **common,
         )
     return build_model(config, env)
 
@@ -81,25 +99,34 @@ def main() -> None:
         "--variants", default="ppo-cnn,stock-lstm,ours-lstm,ours-rims", help="comma-separated subset to run"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--n-steps", type=int, default=128, help="steps per env per rollout (the recipe's 128)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per variant first")
+    parser.add_argument("--train-only", action="store_true", help="time model.train() on one rollout, no collecting")
     args = parser.parse_args()
     names = args.variants.split(",")
-    models = {name: build(name, seed=0, device=args.device) for name in names}
-    steps_per_update = 8 * 128
-    for name, model in models.items():  # warm-up: one iteration each
+    models = {name: build(name, seed=0, device=args.device, n_steps=args.n_steps) for name in names}
+    steps_per_update = 8 * args.n_steps
+    for name, model in models.items():  # warm-up (a train-only run needs one rollout)
         start = time.perf_counter()
-        model.learn(steps_per_update)
-        if name.removesuffix("-nchw") in ("ours-rims-compiled", "ours-rims-graphs"):
+        iterations = max(args.warmup, 1 if args.train_only else 0)
+        if iterations:
+            model.learn(iterations * steps_per_update)
+        if variant_base(name) in ("ours-rims-compiled", "ours-rims-graphs"):
             print(f"{name}: warm-up iteration (compiles or records) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, model in models.items():
             start = time.perf_counter()
-            model.learn(args.updates * steps_per_update, reset_num_timesteps=False)
+            if args.train_only:
+                for _ in range(args.updates):
+                    model.train()
+            else:
+                model.learn(args.updates * steps_per_update, reset_num_timesteps=False)
             rates[name].append(args.updates * steps_per_update / (time.perf_counter() - start))
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(
-        f"{ENV}, 8 envs x 128 steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
-        f"{th.get_num_threads()} torch threads, device {args.device}"
+        f"{ENV}, 8 envs x {args.n_steps} steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
+        f"{th.get_num_threads()} torch threads, device {args.device}" + (", train() only" if args.train_only else "")
     )
     print(
         f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}   all rounds"

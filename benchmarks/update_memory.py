@@ -5,7 +5,10 @@ Each core runs in a fresh process. On the CPU we sample the process's resident m
 millisecond during ``train()`` and report the peak above the resident memory just before it; on
 a GPU, ``torch.cuda.max_memory_allocated`` during ``train()`` above what was allocated before.
 
-    python benchmarks/update_memory.py [--cores none,lstm,rims] [--device cpu]
+    python benchmarks/update_memory.py [--cores none,lstm,rims] [--device cpu] [--n-steps 128]
+
+``--n-steps`` shortens the rollout (a multiple of the config's 32-step training sequences): the
+figures are then not the Atari config's, only the path (``gpu_check.sh --quick``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(core: str, device: str) -> dict:
+def measure(core: str, device: str, n_steps: int = 128) -> dict:
     import torch as th
 
     from rim_agents.config import load_config
     from rim_agents.models import build_model, make_env
 
     th.set_num_threads(1)
-    config = load_config(ENV, core, flags={"seed": 0, "device": device})
+    overrides = [] if n_steps == 128 else [f"ppo.n_steps={n_steps}"]
+    config = load_config(ENV, core, overrides=overrides, flags={"seed": 0, "device": device})
     model = build_model(config, make_env(config))
     result: dict = {"core": core, "device": device}
     inner = model.train
@@ -79,19 +83,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cores", default="none,lstm,rims")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--n-steps", type=int, default=128, help="steps per env per rollout (the config's 128)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.device)))
+        print(json.dumps(measure(args.child, args.device, args.n_steps)))
         return
     rows = []
     for core in args.cores.split(","):
-        cmd = [sys.executable, __file__, "--child", core, "--device", args.device]
+        cmd = [sys.executable, __file__, "--child", core, "--device", args.device, "--n-steps", str(args.n_steps)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = {r["core"]: r["peak_mib"] for r in rows}
-    print(f"{ENV}, Atari config, one PPO update, device {args.device}")
+    shape = "Atari config" if args.n_steps == 128 else f"Atari config with n_steps {args.n_steps}"
+    print(f"{ENV}, {shape}, one PPO update, device {args.device}")
     print(f"{'core':<8}{'peak MiB':>10}{'vs none':>9}{'vs lstm':>9}")
     for r in rows:
         vs_none = f"{r['peak_mib'] / base['none']:.2f}x" if base.get("none") else "-"

@@ -74,6 +74,7 @@ class PolicyConfig:
     token_readout: bool = False  # heads also read each extractor token's match with a query from the core (minigrid)
     critic_shares_core: bool = False  # the critic reads the actor's core with gradient (the value loss trains it)
     cue_recall: float = 0.0  # weight of a loss teaching the read-out's query the hidden target (needs token_readout)
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # Adam's keywords; default eps 1e-5, fused
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

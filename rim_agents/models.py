@@ -75,6 +75,7 @@ def policy_kwargs(config: TrainConfig, observation_space: spaces.Space | None = 
         "net_arch": list(p.net_arch),
         "features_extractor_class": extractor_class(name),
         "features_extractor_kwargs": dict(p.features_extractor_kwargs),
+        "optimizer_kwargs": dict(p.optimizer_kwargs),
     }
 
 

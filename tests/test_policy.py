@@ -82,6 +82,32 @@ def _nan_gradients(model: RIMPPO, steps: set[int]) -> list[int]:
     return seen
 
 
+def _adam_settings(model: RIMPPO) -> tuple[object, float, object]:
+    group = model.policy.optimizer.param_groups[0]
+    return group["fused"], group["eps"], group["foreach"]
+
+
+def test_adam_is_fused_by_default_and_trains_as_the_per_tensor_adam(tmp_path) -> None:
+    """The default optimizer is Adam (eps 1e-5) with the fused kernel; ``fused=False`` or a
+    ``foreach`` choice is kept. Two updates give the per-tensor Adam's parameters to float rounding,
+    and a saved model loads with the fused kernel again."""
+
+    def trained(**optimizer_kwargs: object) -> RIMPPO:
+        model = RIMPPO("MlpRIMPolicy", "CartPole-v1", n_steps=16, batch_size=16, seq_len=8, n_epochs=2, seed=0,
+                       policy_kwargs=policy_kwargs("rims", optimizer_kwargs=optimizer_kwargs))  # fmt: skip
+        model.learn(32)
+        return model
+
+    fused, plain, foreach = trained(), trained(fused=False), trained(foreach=True)
+    assert _adam_settings(fused) == (True, 1e-5, None)
+    assert _adam_settings(plain) == (False, 1e-5, None)
+    assert _adam_settings(foreach) == (None, 1e-5, True)
+    for a, b in zip(fused.policy.parameters(), plain.policy.parameters(), strict=True):
+        th.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    fused.save(tmp_path / "model.zip")
+    assert _adam_settings(RIMPPO.load(tmp_path / "model.zip")) == (True, 1e-5, None)
+
+
 def test_a_step_with_nan_gradients_is_skipped_whole_and_counted() -> None:
     """One NaN gradient would make every parameter NaN through the clipping; the step is dropped
     instead (Adam's moments untouched), the other steps are applied, and the update logs the count."""
