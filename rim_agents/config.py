@@ -371,12 +371,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key {key}: {value!r} is not a valid {_type_name(tp)}")
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A config class's field types (evaluated once per class: a study plans thousands of configs)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     """Apply a nested dict of updates to a dataclass instance, strictly (a frozen section, such as
     ``rims``, is replaced by a checked copy)."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -410,7 +421,7 @@ def _merged_copy(obj: Any, updates: dict[str, Any], prefix: str) -> Any:
     """A frozen dataclass with ``updates`` applied, checked by its own ``__post_init__``."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config section {prefix.rstrip('.')} must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     unknown = [k for k in updates if k not in names]
     if unknown:
@@ -444,11 +455,21 @@ def flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: libyaml's parser where PyYAML was built with it (the wheels are): the same documents, parsed
+#: about ten times faster, which planning a study's thousands of run configs needs.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with libyaml's parser when present."""
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text: give a YAML file") from None
     except yaml.YAMLError as e:
@@ -487,7 +508,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. ppo.n_epochs=4 or rims.k_active=5)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from rim_agents.config import TrainConfig, config_from_dict
+from rim_agents.config import TrainConfig, config_from_dict, load_yaml
 from rim_agents.errors import UsageError
 
 CONFIG_FILE = "config.yaml"
@@ -136,7 +136,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no {CONFIG_FILE}): pass a folder written by train.py")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError:
         raise UsageError(f"{path} is not valid YAML: the run directory is damaged") from None
     rims = data.get("rims") if isinstance(data, dict) else None

@@ -43,7 +43,7 @@ import numpy as np
 import torch as th
 import yaml
 
-from rim_agents.config import TrainConfig, env_family, flat_keys, load_config, read_yaml, yaml_error_text
+from rim_agents.config import TrainConfig, env_family, flat_keys, load_config, load_yaml, read_yaml, yaml_error_text
 from rim_agents.errors import UsageError
 from rim_agents.evaluation import (
     CheckpointResult,
@@ -387,7 +387,7 @@ def load_spec(path: str | Path) -> StudySpec:
             f"study spec {path} does not exist: give a YAML file such as configs/studies/pickup_robustness.yaml"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UsageError(f"study spec {path} is not valid YAML: {yaml_error_text(e)}") from None
     try:
