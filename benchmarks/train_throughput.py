@@ -72,8 +72,7 @@ def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
         chosen.append("policy.features_extractor_kwargs.channels_last=false")
     if name.endswith("-unfused"):
         chosen.append("policy.optimizer_kwargs.fused=false")
-    if n_steps != COMMON["n_steps"]:
-        chosen.append(f"ppo.n_steps={n_steps}")
+    chosen.append(f"ppo.n_steps={n_steps}")
     common = {**COMMON, "n_steps": n_steps}
     config = load_config(ENV, core, overrides=chosen, flags={"seed": seed, "device": device})
     env = make_env(config)
@@ -106,11 +105,12 @@ def main() -> None:
     names = args.variants.split(",")
     models = {name: build(name, seed=0, device=args.device, n_steps=args.n_steps) for name in names}
     steps_per_update = 8 * args.n_steps
-    for name, model in models.items():  # warm-up (a train-only run needs one rollout)
+    warmup = max(args.warmup, 1 if args.train_only else 0)  # a train-only run needs one rollout
+    for name, model in models.items():
+        if not warmup:
+            break
         start = time.perf_counter()
-        iterations = max(args.warmup, 1 if args.train_only else 0)
-        if iterations:
-            model.learn(iterations * steps_per_update)
+        model.learn(warmup * steps_per_update)
         if variant_base(name) in ("ours-rims-compiled", "ours-rims-graphs"):
             print(f"{name}: warm-up iteration (compiles or records) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}

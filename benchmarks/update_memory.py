@@ -40,8 +40,7 @@ def measure(core: str, device: str, n_steps: int = 128) -> dict:
     from rim_agents.models import build_model, make_env
 
     th.set_num_threads(1)
-    overrides = [] if n_steps == 128 else [f"ppo.n_steps={n_steps}"]
-    config = load_config(ENV, core, overrides=overrides, flags={"seed": 0, "device": device})
+    config = load_config(ENV, core, overrides=[f"ppo.n_steps={n_steps}"], flags={"seed": 0, "device": device})
     model = build_model(config, make_env(config))
     result: dict = {"core": core, "device": device}
     inner = model.train

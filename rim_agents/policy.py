@@ -440,10 +440,10 @@ class RIMPolicy(RecurrentActorCriticPolicy):
 def _optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], given: dict[str, Any] | None) -> dict[str, Any]:
     """The optimizer's keywords: ``given``, with Adam's ``eps`` 1e-5 unless given (SB3 sets it only
     when no keywords are given at all) and, for Adam and AdamW, the fused kernel unless ``fused`` or
-    ``foreach`` is given. One fused step over the
-    Atari RIM policy's 3.1M parameters took 6.2 ms against 18.2 ms for the per-tensor default (one
-    thread, this project's CPU), 12 ms saved on each of an update's 16 steps; after 20 steps the
-    parameters agree with the default's to 1.5e-8 (the same arithmetic in another order)."""
+    ``foreach`` is given. One fused step over the Atari RIM policy's 3.15M parameters took 7.7 ms
+    against 28.2 ms for the per-tensor default (one thread, this project's CPU,
+    ``benchmarks/optimizer_step.py``); after 20 steps the parameters agree with the default's to
+    1.5e-8 (the same arithmetic in another order)."""
     kwargs = dict(given or {})
     if optimizer_class is th.optim.Adam:
         kwargs.setdefault("eps", 1e-5)
