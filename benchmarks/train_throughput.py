@@ -17,8 +17,10 @@ Variants, all in this process and interleaved round by round:
   channels-first layout (``policy.features_extractor_kwargs.channels_last=false``), to measure
   what the channels-last default gains in the same run;
 - any ``ours-*`` with ``-unfused`` appended: the same with Adam's per-tensor step
-  (``policy.optimizer_kwargs.fused=false``) instead of the fused kernel (suffixes combine, in the
-  order ``-nchw-unfused``).
+  (``policy.optimizer_kwargs.fused=false``) instead of the fused kernel;
+- any ``ours-*`` with ``-unfolded`` appended: the same with sb3-contrib's critic map and value head
+  run as two products (plain ``nn.Linear`` on the same parameters) instead of folded into one
+  (:class:`rim_agents.policy.FoldedValueHead`). Suffixes combine, in any order.
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
@@ -57,9 +59,24 @@ COMMON: dict[str, Any] = {
 }
 
 
+SUFFIXES = ("-nchw", "-unfused", "-unfolded")
+
+
 def variant_base(name: str) -> str:
-    """The variant without its ``-nchw`` / ``-unfused`` suffixes."""
-    return name.removesuffix("-unfused").removesuffix("-nchw")
+    """The variant without its suffixes (``-nchw``, ``-unfused``, ``-unfolded``)."""
+    while name.endswith(SUFFIXES):
+        name = name[: name.rindex("-")]
+    return name
+
+
+def unfold_critic(policy: Any) -> None:
+    """Put back sb3-contrib's two critic maps (plain ``nn.Linear``) on the folded ones' parameters."""
+    for attr in ("critic", "value_net"):
+        folded = getattr(policy, attr)
+        if isinstance(folded, th.nn.Linear) and type(folded) is not th.nn.Linear:
+            plain = th.nn.Linear(folded.in_features, folded.out_features, device="meta")
+            plain.weight, plain.bias = folded.weight, folded.bias
+            setattr(policy, attr, plain)
 
 
 def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
@@ -70,7 +87,7 @@ def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
     chosen = list(overrides.get(base, []))
     if "-nchw" in name:
         chosen.append("policy.features_extractor_kwargs.channels_last=false")
-    if name.endswith("-unfused"):
+    if "-unfused" in name:
         chosen.append("policy.optimizer_kwargs.fused=false")
     chosen.append(f"ppo.n_steps={n_steps}")
     common = {**COMMON, "n_steps": n_steps}
@@ -87,7 +104,10 @@ def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
             policy_kwargs={"lstm_hidden_size": 128, "enable_critic_lstm": False},
             **common,
         )
-    return build_model(config, env)
+    model = build_model(config, env)
+    if "-unfolded" in name:
+        unfold_critic(model.policy)
+    return model
 
 
 def main() -> None:

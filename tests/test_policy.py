@@ -21,6 +21,7 @@ from rim_agents import RIMPPO, RIMCore, RIMPolicy
 from rim_agents.config import RIMConfig
 from rim_agents.cores import FeedForwardCore, GRUCore, add_forget_bias, unroll
 from rim_agents.extractors import NatureCNNTokens
+from rim_agents.policy import FoldedCritic, FoldedValueHead
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
 from rim_agents.rim import SelectionRequest
 
@@ -362,6 +363,7 @@ def test_lstm_core_matches_stock_policy() -> None:
         lambda _: 1e-3,
         features_extractor_class=ours.policy.features_extractor_class,
         lstm_hidden_size=16,
+        net_arch=ours.policy.net_arch,
     )
     stock.load_state_dict(ours.policy.state_dict())
     n_seq, T = 3, 7
@@ -379,6 +381,106 @@ def test_lstm_core_matches_stock_policy() -> None:
             strict=True,
         ):
             th.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("core", ["rims", "lstm"])
+def test_critic_map_and_value_head_run_folded_as_sb3_contribs_two_maps(core: str) -> None:
+    """Without a critic core or value layers (the Atari config), the critic's ``Linear(features,
+    width)`` and the value head run as one product: values and every parameter's gradient are
+    sb3-contrib's policy's with the same weights, and the parameters keep their names."""
+    env = DummyVecEnv([lambda: FakeImageEnv(screen_height=52, screen_width=52, n_channels=1, discrete=True)])
+    ours = RIMPPO("CnnRIMPolicy", env, seed=0, policy_kwargs=policy_kwargs(core, enable_critic_lstm=False))
+    policy = ours.policy
+    assert isinstance(policy.critic, FoldedCritic) and isinstance(policy.value_net, FoldedValueHead)
+    width = policy.lstm_actor.hidden_size
+    assert policy.critic.weight.shape == (width, policy.features_dim) and policy.value_net.weight.shape == (1, width)
+    stock = RecurrentActorCriticPolicy(
+        ours.observation_space,
+        ours.action_space,
+        lambda _: 1e-3,
+        features_extractor_class=policy.features_extractor_class,
+        lstm_hidden_size=width,
+        enable_critic_lstm=False,
+        net_arch=[],
+    )
+    assert type(stock.critic) is th.nn.Linear
+    stock.lstm_actor = copy.deepcopy(policy.lstm_actor)  # the core is not under test here
+    stock.load_state_dict(policy.state_dict())  # strict: the same names and shapes
+    n_seq, T = 3, 7
+    obs = th.as_tensor(np.stack([ours.observation_space.sample() for _ in range(n_seq * T)])).float()
+    starts = _sequences_with_resets(n_seq, T).flatten()
+    s = (th.randn(1, n_seq, width), th.randn(1, n_seq, width))
+    states = RNNStates(s, s)
+    actions = th.randint(0, ours.action_space.n, (n_seq * T,))
+    projection = th.randn(3, n_seq * T)
+    results = []
+    for net in (policy, stock):
+        net.zero_grad()
+        values, log_prob, entropy = net.evaluate_actions(obs, actions, states, starts)
+        (projection * th.stack([values.flatten(), log_prob, entropy.expand(n_seq * T)])).sum().backward()
+        results.append((values, {n: p.grad for n, p in net.named_parameters()}))
+    (ours_values, ours_grads), (stock_values, stock_grads) = results
+    th.testing.assert_close(ours_values, stock_values, rtol=1e-5, atol=1e-6)
+    assert ours_grads.keys() == stock_grads.keys() and ours_grads["critic.weight"].abs().sum() > 0
+    for name, grad in ours_grads.items():
+        th.testing.assert_close(grad, stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_folded_value_head_follows_every_change_of_its_parameters() -> None:
+    """The folded map follows its parameters through an optimizer step (fused Adam, which does not
+    bump version counters), a loaded state dict and a copy: never a stale value."""
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        seed=0,
+        policy_kwargs=policy_kwargs("rims", net_arch=[], enable_critic_lstm=False),
+    )
+    policy = model.policy
+    obs = _obs_batch(model)
+    states = (th.zeros(1, 6, policy.lstm_actor.hidden_size),) * 2
+    starts = th.zeros(6)
+
+    def two_maps(net: RIMPolicy) -> th.Tensor:  # sb3-contrib's computation
+        with th.no_grad():
+            latent = th.nn.functional.linear(net.extract_features(obs), net.critic.weight, net.critic.bias)
+            return th.nn.functional.linear(latent, net.value_net.weight, net.value_net.bias)
+
+    with th.no_grad():
+        th.testing.assert_close(policy.predict_values(obs, states, starts), two_maps(policy))
+    assert policy.optimizer.defaults["fused"]
+    policy.predict_values(obs, states, starts).pow(2).sum().backward()
+    policy.optimizer.step()
+    with th.no_grad():
+        th.testing.assert_close(policy.predict_values(obs, states, starts), two_maps(policy))
+    other = copy.deepcopy(policy)
+    assert other.value_net._critic[0] is other.critic
+    _perturb(other.critic)
+    with th.no_grad():
+        th.testing.assert_close(other.predict_values(obs, states, starts), two_maps(other))
+        policy.load_state_dict(other.state_dict())
+        th.testing.assert_close(policy.predict_values(obs, states, starts), two_maps(other))
+
+
+def test_cnn_policy_has_sb3s_default_heads_for_the_nature_cnn() -> None:
+    """SB3 gives its NatureCNN no MLP layers by default (net_arch []), recognising the class by
+    identity; the package's channels-last NatureCNN gets the same default."""
+    env = fake_image_env(1)
+    ours = RIMPPO("CnnRIMPolicy", env, seed=0, policy_kwargs={"core": "lstm"}).policy
+    stock = RecurrentPPO("CnnLstmPolicy", env, seed=0).policy
+    assert ours.net_arch == stock.net_arch == []
+    assert len(ours.mlp_extractor.policy_net) == len(ours.mlp_extractor.value_net) == 0
+    given = RIMPPO("CnnRIMPolicy", env, seed=0, policy_kwargs={"core": "lstm", "net_arch": [8]}).policy
+    assert given.net_arch == [8]
+
+
+def test_value_layers_keep_sb3_contribs_critic_map() -> None:
+    model = RIMPPO(
+        "MlpRIMPolicy",
+        "CartPole-v1",
+        seed=0,
+        policy_kwargs=policy_kwargs("rims", net_arch=[8], enable_critic_lstm=False),
+    )
+    assert type(model.policy.critic) is th.nn.Linear and type(model.policy.value_net) is th.nn.Linear
 
 
 # ------------------------------------------------------------------------------------ sampler
