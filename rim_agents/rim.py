@@ -45,6 +45,7 @@ from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cuda_graphs import UnrollGraphs
+from rim_agents.rim_unroll import HandwrittenUnroll, UnrollSpec, supported
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through", "sampled"]
@@ -248,6 +249,9 @@ class RIMCell(nn.Module):
         self.balance_coef = float(c.balance_coef)
         self.compile_mode = c.compile
         self.cuda_graphs = c.cuda_graphs
+        #: Train the common case's unroll with the hand-written backward pass
+        #: (:mod:`rim_agents.rim_unroll`); False: autograd's (the same numbers, to float rounding).
+        self.handwritten_backward = True
         # Set by RIMCore while it tracks activity: the last communication attention (B, K, K).
         self.record_communication = False
         self.last_communication: th.Tensor | None = None
@@ -771,6 +775,22 @@ class RIMCore(nn.Module):
             c = th.zeros_like(h)
         track = tracker is not None and tracker.track_activity
         balance = cell.balance_loss_on()
+        if isinstance(inputs, VectorInput) and supported(cell, tokens, x, track, balance, request):
+            comm = cell.communication
+            gate = comm and cell.comm_gate
+            spec = UnrollSpec(
+                cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
+                tuple(reset_steps),
+            )  # fmt: skip
+            outs_t, h, c = HandwrittenUnroll.apply(
+                spec, keep, inputs.score_proj, inputs.score_bias, inputs.gate_proj, inputs.bias, h, c,
+                cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,
+                cell.comm_qkv if comm else None, cell.comm_out if comm else None,
+                cell.comm_out_bias if comm else None,
+                cell.comm_gate_weight if gate else None, cell.comm_gate_bias if gate else None,
+            )  # fmt: skip
+            out = outs_t.transpose(1, 2).reshape(T, B, cell.hidden_size)
+            return out, (cell.to_flat(h), cell.to_flat(c))
         outs: list[th.Tensor] = []
         masks: list[th.Tensor] = []
         attentions: list[th.Tensor] = []

@@ -597,6 +597,7 @@ def test_the_straight_through_gradient_stays_out_of_the_state(cell: str, tokens:
         ("st_state", {"selection": "straight_through", "st_state_gradient": True}),
     ):
         core = make_core(cell=cell, **NO_DROPOUT, **options)
+        core.cell.handwritten_backward = False  # bit for bit: autograd's hard rule, as the options use
         h0, c0 = (s.clone().requires_grad_() for s in state)
         xg = x.clone().requires_grad_()
         out, _ = core(xg, (h0, c0))
@@ -900,3 +901,113 @@ def test_forward_does_exactly_the_matrix_arithmetic_of_its_cost_model(cell: str)
         + K * d_h * Hc * 3 * ck + K * Hc * ck * d_h + K * d_h * d_h  # communication: qkv, output, gate
     )  # fmt: skip
     assert counter.get_total_flops() == per_sample * T * B
+
+
+# ------------------------------------------------------------------- the hand-written backward
+def _uses_handwritten(t: th.Tensor) -> bool:
+    """Whether the autograd graph of ``t`` holds the hand-written unroll."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "HandwrittenUnroll" in type(fn).__name__:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+def _train_once(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor], starts: th.Tensor):
+    """Outputs, final state and the gradients of every parameter, the input and the initial state
+    under a fixed random projection of all three outputs."""
+    h0, c0 = (s.detach().requires_grad_() for s in state)
+    x = x.detach().requires_grad_()
+    core.zero_grad()
+    out, (h, c) = core(x, (h0, c0), starts)
+    g = th.Generator().manual_seed(7)
+    loss = sum((t * th.randn(t.shape, generator=g)).sum() for t in (out, h, c))
+    loss.backward()
+    grads = {n: p.grad for n, p in core.named_parameters()}
+    grads.update(x=x.grad, h0=h0.grad, c0=c0.grad)
+    return (out, h, c), grads, _uses_handwritten(out)
+
+
+HANDWRITTEN_CONFIGS = [
+    {},
+    {"k_active": 5},
+    {"k_active": 1},
+    {"communication": False},
+    {"comm_gate": False},
+    {"input_query_bias": False},
+    {"comm_heads": 1, "comm_key_size": 5, "comm_value_size": 3},
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs", HANDWRITTEN_CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_handwritten_backward_gives_autograds_gradients(cell: str, kwargs: dict[str, object]) -> None:
+    """The common case trains through rim_unroll.HandwrittenUnroll: the same outputs and state as
+    the step-by-step autograd unroll, and the same gradient for every parameter, the input and the
+    initial state, episode starts inside the batch included."""
+    core = make_core(cell=cell, **kwargs).train()
+    with th.no_grad():  # every path away from its zero initialisation, so that each one counts
+        for p in core.parameters():
+            p.add_(0.3 * th.randn_like(p))
+    x = th.randn(9, 4, D_IN)
+    starts = th.zeros(9, 4)
+    starts[3, 1] = starts[6, 0] = starts[6, 2] = 1.0
+    state = random_state(core, 4)
+    fast, fast_grads, used = _train_once(core, x, state, starts)
+    assert used
+    core.cell.handwritten_backward = False
+    slow, slow_grads, used = _train_once(core, x, state, starts)
+    assert not used
+    for a, b in zip(fast, slow, strict=True):
+        th.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name, grad in slow_grads.items():
+        if grad is None:
+            assert fast_grads[name] is None or th.count_nonzero(fast_grads[name]) == 0, name
+        else:
+            assert th.count_nonzero(grad) > 0 or name == "c0", name
+            th.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"input_heads": 2, "input_value_size": 16},
+        {"input_attention": False},
+        {"selection": "straight_through"},
+        {"balance_coef": 0.1},
+        {"input_dropout": 0.2},
+        {"comm_dropout": 0.2},
+        {"selection_noise": 0.5},
+        {"mask_output": True},
+        {"k_anneal": 0.5, "anneal": "leak"},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_every_other_case_trains_through_autograd(kwargs: dict[str, object]) -> None:
+    core = make_core(**kwargs).train()
+    core.cell.set_progress(0.0)
+    out, _ = core(th.randn(5, 3, D_IN), random_state(core, 3))
+    assert out.requires_grad and not _uses_handwritten(out)
+
+
+def test_the_handwritten_backward_leaves_tokens_tracking_and_inference_to_the_step() -> None:
+    core = make_core().train()
+    out, _ = core(th.randn(5, 3, 4, D_IN))  # tokens
+    assert not _uses_handwritten(out)
+    core.track_activity = True
+    out, _ = core(th.randn(5, 3, D_IN))
+    assert not _uses_handwritten(out) and core.last_activity is not None
+    core.track_activity = False
+    out, _ = core(th.randn(5, 3, D_IN))
+    assert _uses_handwritten(out)
+    with th.no_grad():
+        out, _ = core(th.randn(5, 3, D_IN))
+    assert out.grad_fn is None
