@@ -45,7 +45,7 @@ from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cuda_graphs import UnrollGraphs
-from rim_agents.rim_unroll import HandwrittenUnroll, UnrollSpec, supported
+from rim_agents.rim_unroll import HandwrittenUnroll, StepSpec, supported
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through", "sampled"]
@@ -778,13 +778,10 @@ class RIMCore(nn.Module):
         if isinstance(inputs, VectorInput) and supported(cell, tokens, x, track, balance, request):
             comm = cell.communication
             gate = comm and cell.comm_gate
-            spec = UnrollSpec(
-                cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
-                tuple(reset_steps),
-            )  # fmt: skip
+            spec = StepSpec(cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size)
             outs_t, h, c = HandwrittenUnroll.apply(
-                spec, keep, inputs.score_proj, inputs.score_bias, inputs.gate_proj, inputs.bias, h, c,
-                cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,
+                spec, cell.compile_mode, tuple(reset_steps), keep, inputs.score_proj, inputs.score_bias,
+                inputs.gate_proj, inputs.bias, h, c, cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,
                 cell.comm_qkv if comm else None, cell.comm_out if comm else None,
                 cell.comm_out_bias if comm else None,
                 cell.comm_gate_weight if gate else None, cell.comm_gate_bias if gate else None,

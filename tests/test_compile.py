@@ -33,12 +33,17 @@ def test_an_uncompiled_core_uses_the_step_method_itself() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("handwritten", [True, False], ids=["handwritten-backward", "autograd-step"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_a_compiled_core_matches_the_eager_one(cell: str) -> None:
+def test_a_compiled_core_matches_the_eager_one(cell: str, handwritten: bool) -> None:
+    """Compiled, the hand-written unroll's step functions (the default) or the autograd step give
+    the eager autograd unroll's outputs, state and gradients."""
     th.manual_seed(0)
     eager = RIMCore(16, num_units=4, k_active=3, unit_size=8, cell=cell)
+    eager.cell.handwritten_backward = False
     compiled = copy.deepcopy(eager)
     compiled.cell.compile_mode = "default"
+    compiled.cell.handwritten_backward = handwritten
     x, proj = th.randn(6, 5, 16), th.randn(6, 5, 32)
     starts = th.zeros(6, 5)
     starts[3, 1] = 1
