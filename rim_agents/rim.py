@@ -778,7 +778,10 @@ class RIMCore(nn.Module):
         if isinstance(inputs, VectorInput) and supported(cell, tokens, x, track, balance, request):
             comm = cell.communication
             gate = comm and cell.comm_gate
-            spec = StepSpec(cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size)
+            spec = StepSpec(
+                cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
+                cell.input_dropout if cell.training else 0.0, cell.comm_dropout if cell.training else 0.0,
+            )  # fmt: skip
             outs_t, h, c = HandwrittenUnroll.apply(
                 spec, cell.compile_mode, tuple(reset_steps), keep, inputs.score_proj, inputs.score_bias,
                 inputs.gate_proj, inputs.bias, h, c, cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,

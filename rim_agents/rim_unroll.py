@@ -7,9 +7,10 @@ rows added to a running sum. :class:`HandwrittenUnroll` runs the forward loop wi
 written once for the whole unroll, and each weight's gradient formed at the end as one product
 over all ``T*B`` rows. It computes what :meth:`rim_agents.rim.RIMCell.step` computes (the same
 operators in the same order, forward) for the common case: one input vector per step with one
-attention head, the hard top-k (or all RIMs active), no dropout in force, no dormancy leak, and
-nothing recorded (activity, balance loss, sampled choices); :func:`supported` says when.
-``tests/test_rim.py`` checks outputs, states and every gradient against autograd's.
+attention head, the hard top-k (or all RIMs active), no dormancy leak, on the CPU, and nothing
+recorded (activity, balance loss, sampled choices); :func:`supported` says when. Dropout draws
+what ``F.dropout`` draws, from the same generator in the same order. ``tests/test_rim.py`` checks
+outputs, states and every gradient against autograd's.
 
 With ``rims.compile`` the per-step forward and backward functions (:func:`forward_step`,
 :func:`backward_step`, plain tensor functions) are compiled with ``torch.compile``, which fuses
@@ -33,11 +34,12 @@ class StepSpec(NamedTuple):
     comm_heads: int
     comm_key: int
     comm_value: int
+    input_dropout: float  # in force: 0 outside training
+    comm_dropout: float
 
 
 def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool, request: Any) -> bool:
     """Whether an unroll of ``cell`` can run as :class:`HandwrittenUnroll` (see the module)."""
-    dropout_off = not cell.training or (cell.input_dropout == 0 and cell.comm_dropout == 0)
     noise_off = not cell.training or cell.selection_noise == 0
     return (
         cell.handwritten_backward
@@ -53,7 +55,6 @@ def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool,
         and not balance
         and cell.leak_now == 0
         and not cell.mask_output
-        and dropout_off
         and noise_off
     )
 
@@ -67,6 +68,17 @@ def _tanh_grad(y: th.Tensor, grad: th.Tensor) -> th.Tensor:
 
 
 Saved = tuple[th.Tensor | None, ...]
+# Where forward_step keeps what backward_step and the unroll's weight gradients read.
+H, P_DROPPED, H_TENT, ATT, OUT = 0, 4, 6, 18, 19
+
+
+def _dropout(x: th.Tensor, rate: float) -> tuple[th.Tensor, th.Tensor | None]:
+    """``F.dropout(x, rate, training=True)`` on the CPU (the same draw from the same generator) and
+    its scaled mask (None for ``rate`` 0)."""
+    if rate == 0:
+        return x, None
+    noise = th.empty_like(x).bernoulli_(1 - rate).div_(1 - rate)
+    return x * noise, noise
 
 
 def forward_step(
@@ -95,7 +107,8 @@ def forward_step(
     if score_bias is not None:
         score = score + score_bias
     p = th.sigmoid(score)  # (K, B, 1)
-    gates_in = th.addcmul(bias, p, gate_proj)
+    p_dropped, input_noise = _dropout(p, spec.input_dropout)
+    gates_in = th.addcmul(bias, p_dropped, gate_proj)
     # The cells (RIMCell._cell).
     if lstm:
         gates = th.baddbmm(gates_in, h, weight_hh)
@@ -124,7 +137,7 @@ def forward_step(
     else:
         h_tent, c_out = h_new, c_new
     # Communication (RIMCell._comm_update).
-    comm_saved: Saved = (None,) * 8
+    comm_saved: Saved = (None,) * 10
     h_out = h_tent
     if comm_qkv is not None:
         assert comm_out is not None and comm_out_bias is not None
@@ -132,7 +145,8 @@ def forward_step(
         q, k_, v = q.view(K, 1, B, Hc, dk), k_.view(1, K, B, Hc, dk), v.view(1, K, B, Hc, dv)
         scores = (q * k_).sum(dim=-1) * (dk**-0.5)  # (K_query, K_key, B, Hc)
         probs = th.softmax(scores, dim=1)
-        att = (probs.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * dv)
+        probs_dropped, comm_noise = _dropout(probs, spec.comm_dropout)
+        att = (probs_dropped.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * dv)
         out = th.baddbmm(comm_out_bias, att, comm_out)
         update = tanh_out = th.tanh(out)
         gate = None
@@ -141,8 +155,9 @@ def forward_step(
             gate = th.sigmoid(th.baddbmm(comm_gate_bias, out, comm_gate_weight))
             update = update * gate
         h_out = h_tent + (update * m if m is not None else update)
-        comm_saved = (q, k_, v, probs, att, out, tanh_out, gate)
-    return h_out, c_out, (h, c if lstm else None, p, m, h_tent, *cell_saved, *comm_saved)
+        comm_saved = (q, k_, v, probs, probs_dropped, comm_noise, att, out, tanh_out, gate)
+    saved = (h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, *cell_saved, *comm_saved)
+    return h_out, c_out, saved
 
 
 def backward_step(
@@ -161,10 +176,10 @@ def backward_step(
     ``(dh_prev, dc_prev, d_score (the score's, (K, B, 1)), d_gates_in (K, B, G), d_gh, d_qkv,
     d_out, d_gate_pre)``, the last four the gradients of the products with the in-loop weights
     (None where a product is absent). ``score_proj`` and ``gate_proj``'s gradients are
-    ``d_score * h`` and ``d_gates_in * p``."""
+    ``d_score * h`` and ``d_gates_in * p`` (``p`` after dropout)."""
     lstm = spec.cell == "lstm"
     Hc, dk, dv = spec.comm_heads, spec.comm_key, spec.comm_value
-    h, c, p, m, h_tent, *rest = saved
+    h, c, p, input_noise, _, m, h_tent, *rest = saved
     assert h is not None and p is not None and h_tent is not None
     K, B, _ = h.shape
     d_qkv = d_out = d_gate_pre = None
@@ -172,8 +187,9 @@ def backward_step(
     d_h_tent = dh
     if comm_qkv is not None:
         assert comm_out is not None
-        q, k_, v, probs, _, _, tanh_out, gate = rest[5:]  # the products' inputs: see HandwrittenUnroll
+        q, k_, v, probs, probs_dropped, comm_noise, _, _, tanh_out, gate = rest[5:]  # _: see HandwrittenUnroll
         assert q is not None and k_ is not None and v is not None and probs is not None and tanh_out is not None
+        assert probs_dropped is not None
         d_update = dh * m if m is not None else dh
         if gate is not None:
             assert comm_gate_weight is not None
@@ -184,7 +200,9 @@ def backward_step(
             d_out = _tanh_grad(tanh_out, d_update)
         d_att = th.bmm(d_out, comm_out.transpose(1, 2)).view(K, 1, B, Hc, dv)
         d_probs = (d_att * v).sum(dim=-1)  # (K, K, B, Hc)
-        d_v = (probs.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
+        if comm_noise is not None:
+            d_probs = d_probs * comm_noise
+        d_v = (probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
         d_scores = probs * (d_probs - (d_probs * probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
         d_q = (d_scores.unsqueeze(-1) * k_).sum(dim=1)  # (K, B, Hc, dk)
         d_k = (d_scores.unsqueeze(-1) * q).sum(dim=0)
@@ -227,7 +245,8 @@ def backward_step(
     w_t = weight_hh.transpose(1, 2)
     dh_prev = th.bmm(d_gh, w_t) if dh_prev is None else th.baddbmm(dh_prev, d_gh, w_t)
     # Input attention: gates_in = bias + p * gate_proj, p = sigmoid(h . score_proj (+ bias)).
-    d_score = _sigmoid_grad(p, (d_gates_in * gate_proj).sum(dim=-1, keepdim=True))
+    d_p = (d_gates_in * gate_proj).sum(dim=-1, keepdim=True)
+    d_score = _sigmoid_grad(p, d_p if input_noise is None else d_p * input_noise)
     dh_prev = th.addcmul(dh_prev, d_score, score_proj)
     return dh_prev, dc_prev, d_score, d_gates_in, d_gh, d_qkv, d_out, d_gate_pre
 
@@ -314,8 +333,7 @@ class HandwrittenUnroll(th.autograd.Function):
         dc = d_c_last if lstm else None
         for t in range(T - 1, -1, -1):
             saved = ctx.steps[t]
-            h, p, h_tent, out = saved[0], saved[2], saved[4], saved[15]
-            att = saved[14]
+            h, p, h_tent, att, out = saved[H], saved[P_DROPPED], saved[H_TENT], saved[ATT], saved[OUT]
             dh_prev, dc_prev, d_score_t, d_gates_in, d_gh, d_qkv, d_out, d_gate_pre = step(
                 spec, dh + d_outs[t], dc, saved, score_proj[t], gate_proj[t], weight_hh, comm_qkv, comm_out,
                 comm_gate_weight,

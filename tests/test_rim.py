@@ -924,6 +924,7 @@ def _train_once(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor],
     h0, c0 = (s.detach().requires_grad_() for s in state)
     x = x.detach().requires_grad_()
     core.zero_grad()
+    th.manual_seed(11)  # the same dropout draws
     out, (h, c) = core(x, (h0, c0), starts)
     g = th.Generator().manual_seed(7)
     loss = sum((t * th.randn(t.shape, generator=g)).sum() for t in (out, h, c))
@@ -941,6 +942,7 @@ HANDWRITTEN_CONFIGS = [
     {"comm_gate": False},
     {"input_query_bias": False},
     {"comm_heads": 1, "comm_key_size": 5, "comm_value_size": 3},
+    {"input_dropout": 0.2, "comm_dropout": 0.3},
 ]
 
 
@@ -951,7 +953,7 @@ HANDWRITTEN_CONFIGS = [
 def test_the_handwritten_backward_gives_autograds_gradients(cell: str, kwargs: dict[str, object]) -> None:
     """The common case trains through rim_unroll.HandwrittenUnroll: the same outputs and state as
     the step-by-step autograd unroll, and the same gradient for every parameter, the input and the
-    initial state, episode starts inside the batch included."""
+    initial state, episode starts inside the batch included; with dropout, the same draws."""
     core = make_core(cell=cell, **kwargs).train()
     with th.no_grad():  # every path away from its zero initialisation, so that each one counts
         for p in core.parameters():
@@ -983,8 +985,6 @@ def test_the_handwritten_backward_gives_autograds_gradients(cell: str, kwargs: d
         {"input_attention": False},
         {"selection": "straight_through"},
         {"balance_coef": 0.1},
-        {"input_dropout": 0.2},
-        {"comm_dropout": 0.2},
         {"selection_noise": 0.5},
         {"mask_output": True},
         {"k_anneal": 0.5, "anneal": "leak"},
