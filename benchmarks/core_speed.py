@@ -7,7 +7,10 @@ noise hits them alike; we print medians and ratios to nn.LSTM(512, 384) and to t
 The loss is a fixed random projection of the output (not ``out.sum()``, whose gradient through a
 softmax is exactly zero and fills the backward pass with denormals).
 
-    python benchmarks/core_speed.py [--rounds 15] [--threads N] [--device cuda] [--steps T]
+    python benchmarks/core_speed.py [--rounds 15] [--threads N] [--device cuda] [--steps T] [--autograd]
+
+``RIMCore`` trains through its hand-written backward pass (:mod:`rim_agents.rim_unroll`) on the
+CPU; ``--autograd`` also times both cells with autograd's step-by-step backward pass, as before it.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128, help="sequence length T")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch B")
     parser.add_argument("--compile", action="store_true", help="also time both cells with rims.compile=default")
+    parser.add_argument("--autograd", action="store_true", help="also time both cells with autograd's backward")
     args = parser.parse_args()
     device = th.device(args.device)
     if args.threads:
@@ -123,6 +127,11 @@ def main() -> None:
     }
     for cell, core in compiled.items():
         variants[f"RIMCore {cell} compiled"] = functools.partial(_output, core, x)
+    if args.autograd:
+        for cell in ("lstm", "gru"):
+            core = rim(cell)
+            core.cell.handwritten_backward = False
+            variants[f"RIMCore {cell} autograd"] = functools.partial(_output, core, x)
     if device.type == "cuda":
         graphed = rim(cuda_graphs=True)
         start = time.perf_counter()

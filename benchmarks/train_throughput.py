@@ -20,7 +20,10 @@ Variants, all in this process and interleaved round by round:
   (``policy.optimizer_kwargs.fused=false``) instead of the fused kernel;
 - any ``ours-*`` with ``-unfolded`` appended: the same with sb3-contrib's critic map and value head
   run as two products (plain ``nn.Linear`` on the same parameters) instead of folded into one
-  (:class:`rim_agents.policy.FoldedValueHead`). Suffixes combine, in any order.
+  (:class:`rim_agents.policy.FoldedValueHead`);
+- any ``ours-rims*`` with ``-autograd`` appended: the same with the RIM unroll trained through
+  autograd step by step instead of the hand-written backward pass (:mod:`rim_agents.rim_unroll`).
+  Suffixes combine, in any order.
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
@@ -59,11 +62,11 @@ COMMON: dict[str, Any] = {
 }
 
 
-SUFFIXES = ("-nchw", "-unfused", "-unfolded")
+SUFFIXES = ("-nchw", "-unfused", "-unfolded", "-autograd")
 
 
 def variant_base(name: str) -> str:
-    """The variant without its suffixes (``-nchw``, ``-unfused``, ``-unfolded``)."""
+    """The variant without its suffixes (``-nchw``, ``-unfused``, ``-unfolded``, ``-autograd``)."""
     while name.endswith(SUFFIXES):
         name = name[: name.rindex("-")]
     return name
@@ -107,6 +110,9 @@ def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
     model = build_model(config, env)
     if "-unfolded" in name:
         unfold_critic(model.policy)
+    if "-autograd" in name:
+        for core in model.policy.rim_cores():
+            core.cell.handwritten_backward = False
     return model
 
 
