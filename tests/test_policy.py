@@ -461,6 +461,48 @@ def test_the_folded_value_head_follows_every_change_of_its_parameters() -> None:
         th.testing.assert_close(policy.predict_values(obs, states, starts), two_maps(other))
 
 
+def test_ppo_minibatches_train_through_the_handwritten_backward_with_autograds_gradients() -> None:
+    """A PPO minibatch of the RIM policy (episode starts inside it) is unrolled by the hand-written
+    backward pass (rim_agents.rim_unroll): the same values and log-probabilities as autograd's
+    step-by-step unroll, and every gradient within float rounding of it."""
+    model = RIMPPO(
+        "MlpRIMPolicy", "CartPole-v1", n_steps=64, batch_size=64, seq_len=8, seed=0,
+        policy_kwargs=policy_kwargs("rims", enable_critic_lstm=True),
+    )  # fmt: skip
+    model.learn(128)
+    batch = next(iter(model.rollout_buffer.get(model.batch_size)))
+    assert batch.episode_starts.sum() > 0
+    results = []
+    for handwritten in (True, False):
+        for core in model.policy.rim_cores():
+            core.cell.handwritten_backward = handwritten
+        model.policy.zero_grad()
+        values, log_prob, entropy = model.policy.evaluate_actions(
+            batch.observations, batch.actions.long().flatten(), batch.lstm_states, batch.episode_starts
+        )
+        g = th.Generator().manual_seed(1)
+        loss = (values.flatten() * th.randn(values.numel(), generator=g)).sum()
+        (loss + (log_prob * th.randn(log_prob.numel(), generator=g)).sum() + entropy.sum()).backward()
+        graph = [values.grad_fn]
+        seen = set()
+        used = False
+        while graph:  # does the graph hold the hand-written unroll?
+            fn = graph.pop()
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                used |= "HandwrittenUnroll" in type(fn).__name__
+                graph.extend(f for f, _ in fn.next_functions)
+        grads = {n: p.grad.clone() for n, p in model.policy.named_parameters() if p.grad is not None}
+        results.append((values.detach(), log_prob.detach(), grads, used))
+    (v1, l1, g1, used1), (v2, l2, g2, used2) = results
+    assert used1 and not used2
+    th.testing.assert_close(v1, v2, rtol=0, atol=1e-6)
+    th.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
+    assert g1.keys() == g2.keys() and any(n.startswith("lstm_actor.") for n in g1)
+    for name, grad in g2.items():
+        th.testing.assert_close(g1[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_cnn_policy_has_sb3s_default_heads_for_the_nature_cnn() -> None:
     """SB3 gives its NatureCNN no MLP layers by default (net_arch []), recognising the class by
     identity; the package's channels-last NatureCNN gets the same default."""
