@@ -781,6 +781,7 @@ class RIMCore(nn.Module):
             spec = StepSpec(
                 cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
                 cell.input_dropout if cell.training else 0.0, cell.comm_dropout if cell.training else 0.0,
+                cell.selection == "straight_through", cell.selection_temperature, cell.st_state_gradient,
             )  # fmt: skip
             outs_t, h, c = HandwrittenUnroll.apply(
                 spec, cell.compile_mode, tuple(reset_steps), keep, inputs.score_proj, inputs.score_bias,

@@ -7,7 +7,7 @@ rows added to a running sum. :class:`HandwrittenUnroll` runs the forward loop wi
 written once for the whole unroll, and each weight's gradient formed at the end as one product
 over all ``T*B`` rows. It computes what :meth:`rim_agents.rim.RIMCell.step` computes (the same
 operators in the same order, forward) for the common case: one input vector per step with one
-attention head, the hard top-k (or all RIMs active), no dormancy leak, on the CPU, and nothing
+attention head, the top-k (hard or straight-through) or all RIMs active, no dormancy leak, on the CPU, and nothing
 recorded (activity, balance loss, sampled choices); :func:`supported` says when. Dropout draws
 what ``F.dropout`` draws, from the same generator in the same order. ``tests/test_rim.py`` checks
 outputs, states and every gradient against autograd's.
@@ -36,6 +36,9 @@ class StepSpec(NamedTuple):
     comm_value: int
     input_dropout: float  # in force: 0 outside training
     comm_dropout: float
+    straight_through: bool  # selection="straight_through"
+    st_temperature: float
+    st_state_gradient: bool
 
 
 def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool, request: Any) -> bool:
@@ -49,7 +52,7 @@ def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool,
         and not tokens
         and cell.input_attention
         and cell.input_heads == 1
-        and cell.selection in ("hard", "sampled")
+        and cell.selection in ("hard", "sampled", "straight_through")
         and request is None
         and not track
         and not balance
@@ -138,6 +141,14 @@ def forward_step(
         c_out = th.where(m, c_new, c) if lstm else c_new
     else:
         h_tent, c_out = h_new, c_new
+    st_saved: Saved = (None, None, None)
+    if spec.straight_through and m is not None:
+        # RIMCell._straight_through: the surrogate adds exactly zero forward; its backward pass is
+        # backward_step's.
+        null = 1.0 - p.squeeze(-1)
+        least = th.topk(null, spec.k + 1, dim=0, largest=False).values
+        soft = th.sigmoid((0.5 * (least[-2] + least[-1]) - null) / spec.st_temperature)
+        st_saved = (soft.unsqueeze(-1), h_new - h, c_new - c if lstm else None)
     # Communication (RIMCell._comm_update).
     comm_saved: Saved = (None,) * 10
     h_out = h_tent
@@ -158,7 +169,7 @@ def forward_step(
             update = update * gate
         h_out = h_tent + (update * m if m is not None else update)
         comm_saved = (q, k_, v, probs, probs_dropped, comm_noise, att, out, tanh_out, gate)
-    saved = (h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, *cell_saved, *comm_saved)
+    saved = (h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, *cell_saved, *comm_saved, *st_saved)
     return h_out, c_out, saved
 
 
@@ -189,7 +200,7 @@ def backward_step(
     d_h_tent = dh
     if comm_qkv is not None:
         assert comm_out is not None
-        q, k_, v, probs, probs_dropped, comm_noise, _, _, tanh_out, gate = rest[5:]  # _: see HandwrittenUnroll
+        q, k_, v, probs, probs_dropped, comm_noise, _, _, tanh_out, gate = rest[5:15]  # _: see HandwrittenUnroll
         assert q is not None and k_ is not None and v is not None and probs is not None and tanh_out is not None
         assert probs_dropped is not None
         d_update = dh * m if m is not None else dh
@@ -248,8 +259,21 @@ def backward_step(
     dh_prev = th.bmm(d_gh, w_t) if dh_prev is None else th.baddbmm(dh_prev, d_gh, w_t)
     # Input attention: gates_in = bias + p * gate_proj, p = sigmoid(h . score_proj (+ bias)).
     d_p = (d_gates_in * gate_proj).sum(dim=-1, keepdim=True)
-    d_score = _sigmoid_grad(p, d_p if input_noise is None else d_p * input_noise)
-    dh_prev = th.addcmul(dh_prev, d_score, score_proj)
+    d_score = d_score_h = _sigmoid_grad(p, d_p if input_noise is None else d_p * input_noise)
+    soft, diff_h, diff_c = rest[15:18]
+    if soft is not None:
+        # The straight-through surrogate g = soft - sg(soft), soft = sigmoid((thr - null) / T),
+        # null = 1 - p, added as g * (h_new - h) (and g * (c_new - c)): the gradient of the choice.
+        assert diff_h is not None
+        d_soft = (dh * diff_h).sum(dim=-1, keepdim=True)
+        if diff_c is not None:
+            assert dc is not None
+            d_soft = d_soft + (dc * diff_c).sum(dim=-1, keepdim=True)
+        d_score_st = _sigmoid_grad(p, _sigmoid_grad(soft, d_soft) / spec.st_temperature)
+        d_score = d_score + d_score_st
+        if spec.st_state_gradient:  # else read from the detached state: no gradient into h
+            d_score_h = d_score
+    dh_prev = th.addcmul(dh_prev, d_score_h, score_proj)
     return dh_prev, dc_prev, d_score, d_gates_in, d_gh, d_qkv, d_out, d_gate_pre
 
 

@@ -943,6 +943,8 @@ HANDWRITTEN_CONFIGS = [
     {"input_query_bias": False},
     {"comm_heads": 1, "comm_key_size": 5, "comm_value_size": 3},
     {"input_dropout": 0.2, "comm_dropout": 0.3},
+    {"selection": "straight_through"},
+    {"selection": "straight_through", "st_state_gradient": True, "selection_temperature": 0.3},
 ]
 
 
@@ -983,7 +985,6 @@ def test_the_handwritten_backward_gives_autograds_gradients(cell: str, kwargs: d
     [
         {"input_heads": 2, "input_value_size": 16},
         {"input_attention": False},
-        {"selection": "straight_through"},
         {"balance_coef": 0.1},
         {"selection_noise": 0.5},
         {"mask_output": True},
