@@ -3,7 +3,8 @@
 On a GPU a time loop of small kernels is bound by launch overhead, not arithmetic: the step's
 cost is about (kernels per step) x (launch cost). This counts, with ``torch.profiler``, the device
 kernels (CUDA) or the leaf ATen operators (CPU) of one forward + backward of the benchmark's core
-(T steps, B=16, d_in=512, K=6, k=4, d_h=64, LSTM and GRU cells) and divides by T.
+(T steps, B=16, d_in=512, K=6, k=4, d_h=64, LSTM and GRU cells) and divides by T. On the CPU it
+also counts the core with autograd's step-by-step backward instead of the hand-written one.
 
     python benchmarks/kernel_count.py --device cuda [--steps 32]
 """
@@ -68,12 +69,18 @@ def main() -> None:
         "RIMCore lstm": RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="lstm"),
         "RIMCore gru": RIMCore(d_in, num_units=K, k_active=4, unit_size=d_h, cell="gru"),
     }
+    if device.type == "cpu":  # the CPU trains through the hand-written backward; autograd's beside it
+        for cell in ("lstm", "gru"):
+            core = modules[f"RIMCore {cell} autograd"] = RIMCore(
+                d_in, num_units=K, k_active=4, unit_size=d_h, cell=cell
+            )
+            core.cell.handwritten_backward = False
     what = "kernels" if device.type == "cuda" else "leaf ATen operators"
     print(f"{what} per step of T={T}, forward and backward, on {device}")
-    print(f"{'module':<20}{'forward':>10}{'backward':>10}{'total':>10}")
+    print(f"{'module':<24}{'forward':>10}{'backward':>10}{'total':>10}")
     for name, module in modules.items():
         fwd, bwd = count(module.to(device), x, proj, device)
-        print(f"{name:<20}{fwd / T:>10.1f}{bwd / T:>10.1f}{(fwd + bwd) / T:>10.1f}")
+        print(f"{name:<24}{fwd / T:>10.1f}{bwd / T:>10.1f}{(fwd + bwd) / T:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -481,7 +481,7 @@ class FoldedValueHead(nn.Linear):
     computed as the one product ``x (w_v W_c)^T + (w_v b_c + b_v)``, the two maps folded per call
     instead of every sample mapped to the core's width. Forward and backward, that replaces a
     ``(N, 512) x (512, 510)`` product by a ``(N, 512) x (512, 1)`` one for the Atari RIM policy
-    (6.9 GFLOP of an update's 261; ``benchmarks/ppo_flops.py``). The fold is not cached: fused
+    (6.8 GFLOP of an update's 260.8; ``benchmarks/ppo_flops.py``). The fold is not cached: fused
     optimizers change parameters without bumping their version counters.
 
     :param layer: the value head, whose parameters it takes over (as :class:`FoldedCritic`).

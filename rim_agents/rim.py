@@ -45,7 +45,7 @@ from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cuda_graphs import UnrollGraphs
-from rim_agents.rim_unroll import HandwrittenUnroll, StepSpec, supported
+from rim_agents.rim_unroll import HandwrittenUnroll, LoopWeights, StepSpec, supported
 
 CellType = Literal["lstm", "gru"]
 Selection = Literal["hard", "straight_through", "sampled"]
@@ -776,19 +776,9 @@ class RIMCore(nn.Module):
         track = tracker is not None and tracker.track_activity
         balance = cell.balance_loss_on()
         if isinstance(inputs, VectorInput) and supported(cell, tokens, x, track, balance, request):
-            comm = cell.communication
-            gate = comm and cell.comm_gate
-            spec = StepSpec(
-                cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
-                cell.input_dropout if cell.training else 0.0, cell.comm_dropout if cell.training else 0.0,
-                cell.selection == "straight_through", cell.selection_temperature, cell.st_state_gradient,
-            )  # fmt: skip
             outs_t, h, c = HandwrittenUnroll.apply(
-                spec, cell.compile_mode, tuple(reset_steps), keep, inputs.score_proj, inputs.score_bias,
-                inputs.gate_proj, inputs.bias, h, c, cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,
-                cell.comm_qkv if comm else None, cell.comm_out if comm else None,
-                cell.comm_out_bias if comm else None,
-                cell.comm_gate_weight if gate else None, cell.comm_gate_bias if gate else None,
+                StepSpec.of(cell), cell.compile_mode, tuple(reset_steps), keep, inputs.score_proj, inputs.score_bias,
+                inputs.gate_proj, inputs.bias, h, c, *LoopWeights.of(cell),
             )  # fmt: skip
             out = outs_t.transpose(1, 2).reshape(T, B, cell.hidden_size)
             return out, (cell.to_flat(h), cell.to_flat(c))

@@ -40,6 +40,74 @@ class StepSpec(NamedTuple):
     st_temperature: float
     st_state_gradient: bool
 
+    @classmethod
+    def of(cls, cell: Any) -> StepSpec:
+        """The spec of a :class:`rim_agents.rim.RIMCell` as it stands (its k and training mode)."""
+        return cls(
+            cell.cell_type, cell.k_now, cell.comm_heads, cell.comm_key_size, cell.comm_value_size,
+            cell.input_dropout if cell.training else 0.0, cell.comm_dropout if cell.training else 0.0,
+            cell.selection == "straight_through", cell.selection_temperature, cell.st_state_gradient,
+        )  # fmt: skip
+
+
+class LoopWeights(NamedTuple):
+    """The weights the time loop multiplies by; None where the cell has no such part."""
+
+    weight_hh: th.Tensor
+    bias_hh: th.Tensor | None  # the GRU's (the LSTM's is in the prepared bias)
+    comm_qkv: th.Tensor | None
+    comm_out: th.Tensor | None
+    comm_out_bias: th.Tensor | None
+    comm_gate_weight: th.Tensor | None
+    comm_gate_bias: th.Tensor | None
+
+    @classmethod
+    def of(cls, cell: Any) -> LoopWeights:
+        comm, gate = cell.communication, cell.communication and cell.comm_gate
+        return cls(
+            cell.weight_hh, cell.bias_hh if cell.cell_type == "gru" else None,
+            cell.comm_qkv if comm else None, cell.comm_out if comm else None, cell.comm_out_bias if comm else None,
+            cell.comm_gate_weight if gate else None, cell.comm_gate_bias if gate else None,
+        )  # fmt: skip
+
+
+class StepSaved(NamedTuple):
+    """What :func:`forward_step` keeps for :func:`backward_step` (None where a part is absent)."""
+
+    h: th.Tensor  # the previous state, after any reset
+    c: th.Tensor | None  # LSTM
+    p: th.Tensor  # attention on the input (K, B, 1)
+    input_noise: th.Tensor | None  # dropout's scaled mask on p
+    p_dropped: th.Tensor
+    m: th.Tensor | None  # (K, B, 1) active RIMs; None when all are
+    h_tent: th.Tensor  # after the masked write, before communication
+    # LSTM cell
+    i: th.Tensor | None = None
+    f: th.Tensor | None = None
+    o: th.Tensor | None = None
+    g: th.Tensor | None = None
+    tanh_c: th.Tensor | None = None
+    # GRU cell
+    r: th.Tensor | None = None
+    z: th.Tensor | None = None
+    n: th.Tensor | None = None
+    gh_n: th.Tensor | None = None
+    # communication
+    q: th.Tensor | None = None
+    k: th.Tensor | None = None
+    v: th.Tensor | None = None
+    probs: th.Tensor | None = None
+    probs_dropped: th.Tensor | None = None
+    comm_noise: th.Tensor | None = None
+    att: th.Tensor | None = None
+    out: th.Tensor | None = None
+    tanh_out: th.Tensor | None = None
+    gate: th.Tensor | None = None
+    # straight-through surrogate
+    soft: th.Tensor | None = None
+    diff_h: th.Tensor | None = None
+    diff_c: th.Tensor | None = None
+
 
 def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool, request: Any) -> bool:
     """Whether an unroll of ``cell`` can run as :class:`HandwrittenUnroll` (see the module)."""
@@ -62,6 +130,21 @@ def supported(cell: Any, tokens: bool, x: th.Tensor, track: bool, balance: bool,
     )
 
 
+def in_graph(t: th.Tensor) -> bool:
+    """Whether the autograd graph of ``t`` holds a :class:`HandwrittenUnroll`: which backward pass
+    trains it."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "HandwrittenUnrollBackward":
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 def _sigmoid_grad(y: th.Tensor, grad: th.Tensor) -> th.Tensor:
     """``grad * y * (1 - y)`` for ``y = sigmoid(x)``, in one kernel (autograd's own)."""
     return th.ops.aten.sigmoid_backward(grad, y)
@@ -70,11 +153,6 @@ def _sigmoid_grad(y: th.Tensor, grad: th.Tensor) -> th.Tensor:
 def _tanh_grad(y: th.Tensor, grad: th.Tensor) -> th.Tensor:
     """``grad * (1 - y^2)`` for ``y = tanh(x)``, in one kernel (autograd's own)."""
     return th.ops.aten.tanh_backward(grad, y)
-
-
-Saved = tuple[th.Tensor | None, ...]
-# Where forward_step keeps what backward_step and the unroll's weight gradients read.
-H, P_DROPPED, H_TENT, ATT, OUT = 0, 4, 6, 18, 19
 
 
 def _dropout(x: th.Tensor, rate: float) -> tuple[th.Tensor, th.Tensor | None]:
@@ -94,14 +172,8 @@ def forward_step(
     score_bias: th.Tensor | None,
     gate_proj: th.Tensor,
     bias: th.Tensor,
-    weight_hh: th.Tensor,
-    bias_hh: th.Tensor | None,
-    comm_qkv: th.Tensor | None,
-    comm_out: th.Tensor | None,
-    comm_out_bias: th.Tensor | None,
-    comm_gate_weight: th.Tensor | None,
-    comm_gate_bias: th.Tensor | None,
-) -> tuple[th.Tensor, th.Tensor, Saved]:
+    w: LoopWeights,
+) -> tuple[th.Tensor, th.Tensor, StepSaved]:
     """One step, the operators of :meth:`rim_agents.rim.RIMCell.step` in its order: the new
     ``h``, ``c`` ``(K, B, d_h)`` and what :func:`backward_step` needs."""
     K, B, d = h.shape
@@ -115,76 +187,71 @@ def forward_step(
     p_dropped, input_noise = _dropout(p, spec.input_dropout)
     gates_in = th.addcmul(bias, p_dropped, gate_proj)
     # The cells (RIMCell._cell).
+    cell: dict[str, th.Tensor] = {}
     if lstm:
-        gates = th.baddbmm(gates_in, h, weight_hh)
+        gates = th.baddbmm(gates_in, h, w.weight_hh)
         i, f, o = th.sigmoid(gates[..., : 3 * d]).chunk(3, dim=-1)
         g = th.tanh(gates[..., 3 * d :])
         c_new = th.addcmul(f * c, i, g)
         tanh_c = th.tanh(c_new)
         h_new = o * tanh_c
-        cell_saved: Saved = (i, f, o, g, tanh_c)
+        cell = {"i": i, "f": f, "o": o, "g": g, "tanh_c": tanh_c}
     else:
-        assert bias_hh is not None
-        gh = th.baddbmm(bias_hh, h, weight_hh)
+        assert w.bias_hh is not None
+        gh = th.baddbmm(w.bias_hh, h, w.weight_hh)
         r, z = th.sigmoid(gates_in[..., : 2 * d] + gh[..., : 2 * d]).chunk(2, dim=-1)
         gh_n = gh[..., 2 * d :]
         n = th.tanh(th.addcmul(gates_in[..., 2 * d :], r, gh_n))
         h_new = th.lerp(n, h, z)
         c_new = c
-        cell_saved = (r, z, n, gh_n, None)
+        cell = {"r": r, "z": z, "n": n, "gh_n": gh_n}
     # Top-k (RIMCell._top_k_mask) and the masked write.
     m = None
+    extra: dict[str, th.Tensor | None] = {}
     if spec.k < K:
-        idx = th.topk(1.0 - p.squeeze(-1), spec.k, dim=0, largest=False).indices
+        null = 1.0 - p.squeeze(-1)
+        idx = th.topk(null, spec.k, dim=0, largest=False).indices
         m = th.zeros(K, B, dtype=th.bool, device=h.device).scatter_(0, idx, True).unsqueeze(-1)
         h_tent = th.where(m, h_new, h)
         c_out = th.where(m, c_new, c) if lstm else c_new
+        if spec.straight_through:
+            # RIMCell._straight_through: the surrogate adds exactly zero forward; its backward
+            # pass is backward_step's.
+            least = th.topk(null, spec.k + 1, dim=0, largest=False).values
+            soft = th.sigmoid((0.5 * (least[-2] + least[-1]) - null) / spec.st_temperature)
+            extra.update(soft=soft.unsqueeze(-1), diff_h=h_new - h, diff_c=c_new - c if lstm else None)
     else:
         h_tent, c_out = h_new, c_new
-    st_saved: Saved = (None, None, None)
-    if spec.straight_through and m is not None:
-        # RIMCell._straight_through: the surrogate adds exactly zero forward; its backward pass is
-        # backward_step's.
-        null = 1.0 - p.squeeze(-1)
-        least = th.topk(null, spec.k + 1, dim=0, largest=False).values
-        soft = th.sigmoid((0.5 * (least[-2] + least[-1]) - null) / spec.st_temperature)
-        st_saved = (soft.unsqueeze(-1), h_new - h, c_new - c if lstm else None)
     # Communication (RIMCell._comm_update).
-    comm_saved: Saved = (None,) * 10
     h_out = h_tent
-    if comm_qkv is not None:
-        assert comm_out is not None and comm_out_bias is not None
-        q, k_, v = th.bmm(h_tent, comm_qkv).split([Hc * dk, Hc * dk, Hc * dv], dim=-1)
+    if w.comm_qkv is not None:
+        assert w.comm_out is not None and w.comm_out_bias is not None
+        q, k_, v = th.bmm(h_tent, w.comm_qkv).split([Hc * dk, Hc * dk, Hc * dv], dim=-1)
         q, k_, v = q.view(K, 1, B, Hc, dk), k_.view(1, K, B, Hc, dk), v.view(1, K, B, Hc, dv)
         scores = (q * k_).sum(dim=-1) * (dk**-0.5)  # (K_query, K_key, B, Hc)
         probs = th.softmax(scores, dim=1)
         probs_dropped, comm_noise = _dropout(probs, spec.comm_dropout)
         att = (probs_dropped.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * dv)
-        out = th.baddbmm(comm_out_bias, att, comm_out)
+        out = th.baddbmm(w.comm_out_bias, att, w.comm_out)
         update = tanh_out = th.tanh(out)
         gate = None
-        if comm_gate_weight is not None:
-            assert comm_gate_bias is not None
-            gate = th.sigmoid(th.baddbmm(comm_gate_bias, out, comm_gate_weight))
+        if w.comm_gate_weight is not None:
+            assert w.comm_gate_bias is not None
+            gate = th.sigmoid(th.baddbmm(w.comm_gate_bias, out, w.comm_gate_weight))
             update = update * gate
         h_out = h_tent + (update * m if m is not None else update)
-        comm_saved = (q, k_, v, probs, probs_dropped, comm_noise, att, out, tanh_out, gate)
-    saved = (h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, *cell_saved, *comm_saved, *st_saved)
+        extra.update(
+            q=q, k=k_, v=v, probs=probs, probs_dropped=probs_dropped, comm_noise=comm_noise, att=att, out=out,
+            tanh_out=tanh_out, gate=gate,
+        )  # fmt: skip
+    saved = StepSaved(h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, **cell, **extra)
     return h_out, c_out, saved
 
 
 def backward_step(
-    spec: StepSpec,
-    dh: th.Tensor,
-    dc: th.Tensor | None,
-    saved: Saved,
-    score_proj: th.Tensor,
-    gate_proj: th.Tensor,
-    weight_hh: th.Tensor,
-    comm_qkv: th.Tensor | None,
-    comm_out: th.Tensor | None,
-    comm_gate_weight: th.Tensor | None,
-) -> tuple[th.Tensor | None, ...]:
+    spec: StepSpec, dh: th.Tensor, dc: th.Tensor | None, s: StepSaved, score_proj: th.Tensor, gate_proj: th.Tensor,
+    w: LoopWeights,
+) -> tuple[th.Tensor | None, ...]:  # fmt: skip
     """The gradients of one step from those of its ``h_out`` (``dh``) and ``c_out`` (``dc``, LSTM):
     ``(dh_prev, dc_prev, d_score (the score's, (K, B, 1)), d_gates_in (K, B, G), d_gh, d_qkv,
     d_out, d_gate_pre)``, the last four the gradients of the products with the in-loop weights
@@ -192,35 +259,33 @@ def backward_step(
     ``d_score * h`` and ``d_gates_in * p`` (``p`` after dropout)."""
     lstm = spec.cell == "lstm"
     Hc, dk, dv = spec.comm_heads, spec.comm_key, spec.comm_value
-    h, c, p, input_noise, _, m, h_tent, *rest = saved
-    assert h is not None and p is not None and h_tent is not None
-    K, B, _ = h.shape
+    m = s.m
+    K, B, _ = s.h.shape
     d_qkv = d_out = d_gate_pre = None
     # h_out = h_tent + update (* m)
     d_h_tent = dh
-    if comm_qkv is not None:
-        assert comm_out is not None
-        q, k_, v, probs, probs_dropped, comm_noise, _, _, tanh_out, gate = rest[5:15]  # _: see HandwrittenUnroll
-        assert q is not None and k_ is not None and v is not None and probs is not None and tanh_out is not None
-        assert probs_dropped is not None
+    if w.comm_qkv is not None:
+        assert w.comm_out is not None
+        assert s.q is not None and s.k is not None and s.v is not None and s.probs is not None
+        assert s.probs_dropped is not None and s.tanh_out is not None
         d_update = dh * m if m is not None else dh
-        if gate is not None:
-            assert comm_gate_weight is not None
-            d_gate_pre = _sigmoid_grad(gate, d_update * tanh_out)
-            d_out = _tanh_grad(tanh_out, d_update * gate)
-            d_out = th.baddbmm(d_out, d_gate_pre, comm_gate_weight.transpose(1, 2))
+        if s.gate is not None:
+            assert w.comm_gate_weight is not None
+            d_gate_pre = _sigmoid_grad(s.gate, d_update * s.tanh_out)
+            d_out = _tanh_grad(s.tanh_out, d_update * s.gate)
+            d_out = th.baddbmm(d_out, d_gate_pre, w.comm_gate_weight.transpose(1, 2))
         else:
-            d_out = _tanh_grad(tanh_out, d_update)
-        d_att = th.bmm(d_out, comm_out.transpose(1, 2)).view(K, 1, B, Hc, dv)
-        d_probs = (d_att * v).sum(dim=-1)  # (K, K, B, Hc)
-        if comm_noise is not None:
-            d_probs = d_probs * comm_noise
-        d_v = (probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
-        d_scores = probs * (d_probs - (d_probs * probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
-        d_q = (d_scores.unsqueeze(-1) * k_).sum(dim=1)  # (K, B, Hc, dk)
-        d_k = (d_scores.unsqueeze(-1) * q).sum(dim=0)
+            d_out = _tanh_grad(s.tanh_out, d_update)
+        d_att = th.bmm(d_out, w.comm_out.transpose(1, 2)).view(K, 1, B, Hc, dv)
+        d_probs = (d_att * s.v).sum(dim=-1)  # (K, K, B, Hc)
+        if s.comm_noise is not None:
+            d_probs = d_probs * s.comm_noise
+        d_v = (s.probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
+        d_scores = s.probs * (d_probs - (d_probs * s.probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
+        d_q = (d_scores.unsqueeze(-1) * s.k).sum(dim=1)  # (K, B, Hc, dk)
+        d_k = (d_scores.unsqueeze(-1) * s.q).sum(dim=0)
         d_qkv = th.cat([d_q.reshape(K, B, -1), d_k.reshape(K, B, -1), d_v.reshape(K, B, -1)], dim=-1)
-        d_h_tent = th.baddbmm(dh, d_qkv, comm_qkv.transpose(1, 2))
+        d_h_tent = th.baddbmm(dh, d_qkv, w.comm_qkv.transpose(1, 2))
     # The masked write: dormant RIMs pass their gradient to the previous state.
     dh_prev = dc_prev = None
     d_h_new, dc_new = d_h_tent, dc
@@ -230,14 +295,14 @@ def backward_step(
             assert dc is not None
             dc_new, dc_prev = dc * m, dc * ~m
     if lstm:
-        i, f, o, g, tanh_c = rest[:5]
+        i, f, o, g, tanh_c = s.i, s.f, s.o, s.g, s.tanh_c
         assert i is not None and f is not None and o is not None and g is not None and tanh_c is not None
-        assert c is not None and dc_new is not None
+        assert s.c is not None and dc_new is not None
         dc_new = th.addcmul(dc_new, _tanh_grad(tanh_c, d_h_new), o)
         d_gh = d_gates_in = th.cat(
             [
                 _sigmoid_grad(i, dc_new * g),
-                _sigmoid_grad(f, dc_new * c),
+                _sigmoid_grad(f, dc_new * s.c),
                 _sigmoid_grad(o, d_h_new * tanh_c),
                 _tanh_grad(g, dc_new * i),
             ],
@@ -246,31 +311,29 @@ def backward_step(
         dc_cell = dc_new * f
         dc_prev = dc_cell if dc_prev is None else dc_prev + dc_cell
     else:
-        r, z, n, gh_n = rest[:4]
+        r, z, n, gh_n = s.r, s.z, s.n, s.gh_n
         assert r is not None and z is not None and n is not None and gh_n is not None
         d_n_pre = _tanh_grad(n, d_h_new * (1.0 - z))
         d_r = _sigmoid_grad(r, d_n_pre * gh_n)
-        d_z = _sigmoid_grad(z, d_h_new * (h - n))
+        d_z = _sigmoid_grad(z, d_h_new * (s.h - n))
         d_gates_in = th.cat([d_r, d_z, d_n_pre], dim=-1)
         d_gh = th.cat([d_r, d_z, d_n_pre * r], dim=-1)
         dh_cell = d_h_new * z
         dh_prev = dh_cell if dh_prev is None else dh_prev + dh_cell
-    w_t = weight_hh.transpose(1, 2)
+    w_t = w.weight_hh.transpose(1, 2)
     dh_prev = th.bmm(d_gh, w_t) if dh_prev is None else th.baddbmm(dh_prev, d_gh, w_t)
     # Input attention: gates_in = bias + p * gate_proj, p = sigmoid(h . score_proj (+ bias)).
     d_p = (d_gates_in * gate_proj).sum(dim=-1, keepdim=True)
-    d_score = d_score_h = _sigmoid_grad(p, d_p if input_noise is None else d_p * input_noise)
-    soft, diff_h, diff_c = rest[15:18]
-    if soft is not None:
+    d_score = d_score_h = _sigmoid_grad(s.p, d_p if s.input_noise is None else d_p * s.input_noise)
+    if s.soft is not None:
         # The straight-through surrogate g = soft - sg(soft), soft = sigmoid((thr - null) / T),
         # null = 1 - p, added as g * (h_new - h) (and g * (c_new - c)): the gradient of the choice.
-        assert diff_h is not None
-        d_soft = (dh * diff_h).sum(dim=-1, keepdim=True)
-        if diff_c is not None:
+        assert s.diff_h is not None
+        d_soft = (dh * s.diff_h).sum(dim=-1, keepdim=True)
+        if s.diff_c is not None:
             assert dc is not None
-            d_soft = d_soft + (dc * diff_c).sum(dim=-1, keepdim=True)
-        d_score_st = _sigmoid_grad(p, _sigmoid_grad(soft, d_soft) / spec.st_temperature)
-        d_score = d_score + d_score_st
+            d_soft = d_soft + (dc * s.diff_c).sum(dim=-1, keepdim=True)
+        d_score = d_score + _sigmoid_grad(s.p, _sigmoid_grad(s.soft, d_soft) / spec.st_temperature)
         if spec.st_state_gradient:  # else read from the detached state: no gradient into h
             d_score_h = d_score
     dh_prev = th.addcmul(dh_prev, d_score_h, score_proj)
@@ -321,9 +384,10 @@ class HandwrittenUnroll(th.autograd.Function):
         *weights: th.Tensor | None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         step, _ = step_functions(compile_mode)
+        w = LoopWeights(*weights)  # type: ignore[arg-type]  # weight_hh is always given
         lstm = spec.cell == "lstm"
         h, c = h0, c0
-        steps: list[Saved] = []
+        steps: list[StepSaved] = []
         outs = []
         for t in range(score_proj.shape[0]):
             if resets[t]:
@@ -332,7 +396,7 @@ class HandwrittenUnroll(th.autograd.Function):
                 if lstm:
                     c = c * keep[t]
             sb = score_bias[t] if score_bias is not None else None
-            h, c, saved = step(spec, h, c, score_proj[t], sb, gate_proj[t], bias, *weights)
+            h, c, saved = step(spec, h, c, score_proj[t], sb, gate_proj[t], bias, w)
             steps.append(saved)
             outs.append(h)
         ctx.spec, ctx.compile_mode, ctx.resets, ctx.steps = spec, compile_mode, resets, steps
@@ -346,54 +410,55 @@ class HandwrittenUnroll(th.autograd.Function):
         spec: StepSpec = ctx.spec
         _, step = step_functions(ctx.compile_mode)
         keep, score_proj, gate_proj, *weights = ctx.saved_tensors
-        weight_hh, bias_hh, comm_qkv, comm_out, comm_out_bias, comm_gate_weight, comm_gate_bias = weights
+        w = LoopWeights(*weights)
         lstm = spec.cell == "lstm"
         T = score_proj.shape[0]
         d_score_proj = th.empty_like(score_proj)
-        d_score = th.empty_like(score_proj[..., :1])
+        d_score_bias = th.empty_like(score_proj[..., :1]) if ctx.has_score_bias else None
         d_gate_proj = th.empty_like(gate_proj)
         d_bias = th.zeros_like(gate_proj[0])
-        # Per in-loop weight: the inputs and output gradients of its products, one product at the end.
+        # Per in-loop product (recurrent, qkv, output, gate): its inputs and output gradients over
+        # the steps, for one weight-gradient product at the end.
         products: list[tuple[list[th.Tensor], list[th.Tensor]]] = [([], []) for _ in range(4)]
         dh = d_h_last
         dc = d_c_last if lstm else None
         for t in range(T - 1, -1, -1):
-            saved = ctx.steps[t]
-            h, p, h_tent, att, out = saved[H], saved[P_DROPPED], saved[H_TENT], saved[ATT], saved[OUT]
-            dh_prev, dc_prev, d_score_t, d_gates_in, d_gh, d_qkv, d_out, d_gate_pre = step(
-                spec, dh + d_outs[t], dc, saved, score_proj[t], gate_proj[t], weight_hh, comm_qkv, comm_out,
-                comm_gate_weight,
-            )  # fmt: skip
-            for (inputs, grads), x, g in zip(
-                products, (h, h_tent, att, out), (d_gh, d_qkv, d_out, d_gate_pre), strict=True
-            ):
+            s: StepSaved = ctx.steps[t]
+            dh_prev, dc_prev, d_score_t, d_gates_in, *d_products = step(
+                spec, dh + d_outs[t], dc, s, score_proj[t], gate_proj[t], w
+            )
+            for (inputs, grads), x, g in zip(products, (s.h, s.h_tent, s.att, s.out), d_products, strict=True):
                 if g is not None:
+                    assert x is not None
                     inputs.append(x)
                     grads.append(g)
             d_bias += d_gates_in
-            th.mul(d_gates_in, p, out=d_gate_proj[t])
-            th.mul(d_score_t, h, out=d_score_proj[t])
-            d_score[t] = d_score_t
+            th.mul(d_gates_in, s.p_dropped, out=d_gate_proj[t])
+            th.mul(d_score_t, s.h, out=d_score_proj[t])
+            if d_score_bias is not None:
+                d_score_bias[t] = d_score_t
             if ctx.resets[t]:
                 dh_prev = dh_prev * keep[t]
                 if lstm:
                     dc_prev = dc_prev * keep[t]
             dh, dc = dh_prev, dc_prev
-        weight_grads = [
-            th.bmm(th.cat(inputs, dim=1).transpose(1, 2), th.cat(grads, dim=1)) if inputs else None
-            for inputs, grads in products
-        ]
-        bias_grads = [
-            th.cat(grads, dim=1).sum(dim=1, keepdim=True) if grads and b is not None else None
-            for (_, grads), b in zip(products, (bias_hh, None, comm_out_bias, comm_gate_bias), strict=True)
-        ]
+        weight_grads: list[th.Tensor | None] = []
+        bias_grads: list[th.Tensor | None] = []
+        for (inputs, grads), b in zip(products, (w.bias_hh, None, w.comm_out_bias, w.comm_gate_bias), strict=True):
+            if not inputs:
+                weight_grads.append(None)
+                bias_grads.append(None)
+                continue
+            g = th.cat(grads, dim=1)  # (K, T*B, out)
+            weight_grads.append(th.bmm(th.cat(inputs, dim=1).transpose(1, 2), g))
+            bias_grads.append(g.sum(dim=1, keepdim=True) if b is not None else None)
         return (
             None,  # spec
             None,  # compile_mode
             None,  # resets
             None,  # keep
             d_score_proj,
-            d_score if ctx.has_score_bias else None,
+            d_score_bias,
             d_gate_proj,
             d_bias,
             dh,

@@ -24,6 +24,7 @@ from rim_agents.extractors import NatureCNNTokens
 from rim_agents.policy import FoldedCritic, FoldedValueHead
 from rim_agents.ppo import ChunkedRecurrentRolloutBuffer
 from rim_agents.rim import SelectionRequest
+from rim_agents.rim_unroll import in_graph
 
 SMALL_RIMS = {"num_units": 4, "k_active": 2, "unit_size": 8, "input_key_size": 8, "comm_heads": 2, "comm_key_size": 4}
 CRITIC_OPTIONS = {
@@ -483,15 +484,7 @@ def test_ppo_minibatches_train_through_the_handwritten_backward_with_autograds_g
         g = th.Generator().manual_seed(1)
         loss = (values.flatten() * th.randn(values.numel(), generator=g)).sum()
         (loss + (log_prob * th.randn(log_prob.numel(), generator=g)).sum() + entropy.sum()).backward()
-        graph = [values.grad_fn]
-        seen = set()
-        used = False
-        while graph:  # does the graph hold the hand-written unroll?
-            fn = graph.pop()
-            if fn is not None and fn not in seen:
-                seen.add(fn)
-                used |= "HandwrittenUnroll" in type(fn).__name__
-                graph.extend(f for f, _ in fn.next_functions)
+        used = in_graph(values)
         grads = {n: p.grad.clone() for n, p in model.policy.named_parameters() if p.grad is not None}
         results.append((values.detach(), log_prob.detach(), grads, used))
     (v1, l1, g1, used1), (v2, l2, g2, used2) = results

@@ -8,6 +8,7 @@ import pytest
 import torch as th
 
 from rim_agents import RIMCore
+from rim_agents.rim_unroll import in_graph, supported
 
 D_IN = 12
 
@@ -904,20 +905,6 @@ def test_forward_does_exactly_the_matrix_arithmetic_of_its_cost_model(cell: str)
 
 
 # ------------------------------------------------------------------- the hand-written backward
-def _uses_handwritten(t: th.Tensor) -> bool:
-    """Whether the autograd graph of ``t`` holds the hand-written unroll."""
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "HandwrittenUnroll" in type(fn).__name__:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
-
-
 def _train_once(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor], starts: th.Tensor):
     """Outputs, final state and the gradients of every parameter, the input and the initial state
     under a fixed random projection of all three outputs."""
@@ -931,7 +918,7 @@ def _train_once(core: RIMCore, x: th.Tensor, state: tuple[th.Tensor, th.Tensor],
     loss.backward()
     grads = {n: p.grad for n, p in core.named_parameters()}
     grads.update(x=x.grad, h0=h0.grad, c0=c0.grad)
-    return (out, h, c), grads, _uses_handwritten(out)
+    return (out, h, c), grads, in_graph(out)
 
 
 HANDWRITTEN_CONFIGS = [
@@ -996,19 +983,19 @@ def test_every_other_case_trains_through_autograd(kwargs: dict[str, object]) -> 
     core = make_core(**kwargs).train()
     core.cell.set_progress(0.0)
     out, _ = core(th.randn(5, 3, D_IN), random_state(core, 3))
-    assert out.requires_grad and not _uses_handwritten(out)
+    assert out.requires_grad and not in_graph(out)
 
 
 def test_the_handwritten_backward_leaves_tokens_tracking_and_inference_to_the_step() -> None:
     core = make_core().train()
     out, _ = core(th.randn(5, 3, 4, D_IN))  # tokens
-    assert not _uses_handwritten(out)
+    assert not in_graph(out)
     core.track_activity = True
     out, _ = core(th.randn(5, 3, D_IN))
-    assert not _uses_handwritten(out) and core.last_activity is not None
+    assert not in_graph(out) and core.last_activity is not None
     core.track_activity = False
     out, _ = core(th.randn(5, 3, D_IN))
-    assert _uses_handwritten(out)
-    with th.no_grad():
-        out, _ = core(th.randn(5, 3, D_IN))
-    assert out.grad_fn is None
+    assert in_graph(out)
+    x = th.randn(5, 3, D_IN)
+    with th.no_grad():  # collecting: the step, no graph
+        assert not supported(core.cell, False, x, False, False, None)
