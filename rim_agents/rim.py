@@ -40,11 +40,11 @@ from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch as th
-import torch.nn.functional as F
 from torch import nn
 
 from rim_agents.config import RIMConfig
 from rim_agents.cuda_graphs import UnrollGraphs
+from rim_agents.rim_step import communication, dropout, gru_cell, lstm_cell, soft_mask, top_k_mask, vector_attention
 from rim_agents.rim_unroll import HandwrittenUnroll, LoopWeights, StepSpec, supported
 
 CellType = Literal["lstm", "gru"]
@@ -398,12 +398,10 @@ class RIMCell(nn.Module):
 
     def _vector_probs(self, inp: VectorInput, h: th.Tensor) -> th.Tensor:
         """``(K, B, H)`` attention on the input vector per head (one minus the null's)."""
-        # Softmax over {null (score 0), input (score s)} is sigmoid(s). Broadcast products, not
-        # batched matmuls: the per-element matrices are 1 x d_h, where bmm's overhead dominates.
         if self.input_heads == 1:
-            score = (h * inp.score_proj).sum(dim=-1, keepdim=True)  # (K, B, 1)
-        else:
-            score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
+            return vector_attention(h, inp.score_proj, inp.score_bias)  # (K, B, 1)
+        # Softmax over {null (score 0), input (score s)} is sigmoid(s), per head.
+        score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
         if inp.score_bias is not None:
             score = score + inp.score_bias
         return th.sigmoid(score)
@@ -424,7 +422,7 @@ class RIMCell(nn.Module):
         """
         probs = self._token_probs(inp, h)
         mean_probs = probs.mean(dim=2)
-        probs = F.dropout(probs, self.input_dropout, self.training)
+        probs = dropout(probs, self._rate(self.input_dropout))[0]
         # The null token's value is zero: only the real tokens contribute to the read.
         read = th.einsum("kbhn,bnhv->kbhv", probs[..., 1:], inp.values).reshape(h.shape[0], h.shape[1], -1)
         return th.baddbmm(inp.bias, read, self.weight_ih), mean_probs[..., 0], mean_probs[..., 1:]
@@ -435,11 +433,15 @@ class RIMCell(nn.Module):
         p = self._vector_probs(inp, h)
         if self.input_heads == 1:  # a view, not a reduction, in the common case
             null_att = 1.0 - p.squeeze(-1)
-            p = F.dropout(p, self.input_dropout, self.training)
+            p = dropout(p, self._rate(self.input_dropout))[0]
             return th.addcmul(inp.bias, p, inp.gate_proj), null_att, None
         null_att = 1.0 - p.mean(dim=-1)
-        p = F.dropout(p, self.input_dropout, self.training)
+        p = dropout(p, self._rate(self.input_dropout))[0]
         return inp.bias + (p.unsqueeze(-1) * inp.gate_proj).sum(dim=-2), null_att, None
+
+    def _rate(self, rate: float) -> float:
+        """A dropout rate in force: ``rate`` in training mode, 0 otherwise."""
+        return rate if self.training else 0.0
 
     def _top_k_mask(self, null_attention: th.Tensor) -> th.Tensor:
         """``(K, B)`` bool mask of the ``k`` RIMs with the least attention on the null token (plus
@@ -448,15 +450,11 @@ class RIMCell(nn.Module):
             score = null_attention
             if self.selection_noise > 0 and self.training:
                 score = score + self.selection_noise * th.randn_like(score)
-            idx = th.topk(score, self.k_now, dim=0, largest=False).indices
-            return th.zeros_like(null_attention, dtype=th.bool).scatter_(0, idx, True)
+            return top_k_mask(score, self.k_now)
 
     def _straight_through(self, null_attention: th.Tensor) -> th.Tensor:
         """``s - sg(s)`` for the soft mask ``s`` (see ``selection``): zero, with the soft mask's gradient."""
-        with th.no_grad():
-            least = th.topk(null_attention, self.k_now + 1, dim=0, largest=False).values
-            threshold = 0.5 * (least[-2] + least[-1])  # (B,)
-        soft = th.sigmoid((threshold - null_attention) / self.selection_temperature)
+        soft = soft_mask(null_attention, self.k_now, self.selection_temperature)
         return soft - soft.detach()
 
     def _cell(self, gates_in: th.Tensor, h: th.Tensor, c: th.Tensor) -> State:
@@ -467,16 +465,10 @@ class RIMCell(nn.Module):
         :param h: ``(K, B, d_h)``.
         :param c: ``(K, B, d_h)``; unused by the GRU.
         """
-        d_h = self.unit_size
         if self.cell_type == "lstm":
-            gates = th.baddbmm(gates_in, h, self.weight_hh)
-            i, f, o = th.sigmoid(gates[..., : 3 * d_h]).chunk(3, dim=-1)
-            c_new = th.addcmul(f * c, i, th.tanh(gates[..., 3 * d_h :]))
-            return o * th.tanh(c_new), c_new
-        gh = th.baddbmm(self.bias_hh, h, self.weight_hh)
-        r, z = th.sigmoid(gates_in[..., : 2 * d_h] + gh[..., : 2 * d_h]).chunk(2, dim=-1)
-        n = th.tanh(th.addcmul(gates_in[..., 2 * d_h :], r, gh[..., 2 * d_h :]))
-        return th.lerp(n, h, z), c
+            h_new, c_new, _ = lstm_cell(gates_in, h, c, self.weight_hh)
+            return h_new, c_new
+        return gru_cell(gates_in, h, self.weight_hh, self.bias_hh)[0], c
 
     def _communicate(self, h_tent: th.Tensor) -> th.Tensor:
         """``h^ = h_tent + update`` for every RIM (all are active)."""
@@ -485,24 +477,16 @@ class RIMCell(nn.Module):
     def _comm_update(self, h_tent: th.Tensor) -> th.Tensor:
         """Every RIM reads from all RIMs' tentative states ``(K, B, d_h)``; returns the gated update.
 
-        Rows of dormant RIMs are computed too and discarded by the masked write. With K of about 6
-        the K x K attention is cheapest as broadcast products in the RIM-first layout: no permutes.
+        Rows of dormant RIMs are computed too and discarded by the masked write.
         """
-        K, B, _ = h_tent.shape
-        Hc, d_k, d_v = self.comm_heads, self.comm_key_size, self.comm_value_size
-        q, k, v = th.bmm(h_tent, self.comm_qkv).split([Hc * d_k, Hc * d_k, Hc * d_v], dim=-1)
-        q, k, v = q.view(K, 1, B, Hc, d_k), k.view(1, K, B, Hc, d_k), v.view(1, K, B, Hc, d_v)
-        scores = (q * k).sum(dim=-1) * (d_k**-0.5)  # (K_query, K_key, B, Hc)
-        probs = th.softmax(scores, dim=1)
+        update, parts = communication(
+            h_tent, self.comm_qkv, self.comm_out, self.comm_out_bias,
+            self.comm_gate_weight if self.comm_gate else None, self.comm_gate_bias if self.comm_gate else None,
+            self.comm_heads, self.comm_key_size, self.comm_value_size, self._rate(self.comm_dropout),
+        )  # fmt: skip
         if self.record_communication:
             # (K_query, K_key, B, Hc) -> (B, K_query, K_key), averaged over heads
-            self.last_communication = probs.mean(dim=-1).permute(2, 0, 1).detach()
-        probs = F.dropout(probs, self.comm_dropout, self.training)
-        att = (probs.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * d_v)
-        out = th.baddbmm(self.comm_out_bias, att, self.comm_out)
-        update = th.tanh(out)
-        if self.comm_gate:
-            update = update * th.sigmoid(th.baddbmm(self.comm_gate_bias, out, self.comm_gate_weight))
+            self.last_communication = parts.probs.mean(dim=-1).permute(2, 0, 1).detach()
         return update
 
     def _sampled_mask(

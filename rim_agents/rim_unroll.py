@@ -5,11 +5,12 @@ for the Atari core) and forms each in-loop weight's gradient step by step, ``h_t
 rows added to a running sum. :class:`HandwrittenUnroll` runs the forward loop without recording
 (keeping what the backward pass needs), then the backward loop by hand: the same derivatives,
 written once for the whole unroll, and each weight's gradient formed at the end as one product
-over all ``T*B`` rows. It computes what :meth:`rim_agents.rim.RIMCell.step` computes (the same
-operators in the same order, forward) for the common case: one input vector per step with one
-attention head, the top-k (hard or straight-through) or all RIMs active, no dormancy leak, on the CPU, and nothing
-recorded (activity, balance loss, sampled choices); :func:`supported` says when. Dropout draws
-what ``F.dropout`` draws, from the same generator in the same order. ``tests/test_rim.py`` checks
+over all ``T*B`` rows. Its forward step is :meth:`rim_agents.rim.RIMCell.step`'s, composed from
+the same pieces (:mod:`rim_agents.rim_step`, which also return the intermediates kept here), for
+the common case: one input vector per step with one attention head, the top-k (hard or
+straight-through) or all RIMs active, no dormancy leak, on the CPU, and nothing recorded
+(activity, balance loss, sampled choices); :func:`supported` says when. Dropout draws what
+``F.dropout`` draws, from the same generator in the same order. ``tests/test_rim.py`` checks
 outputs, states and every gradient against autograd's.
 
 With ``rims.compile`` the per-step forward and backward functions (:func:`forward_step`,
@@ -24,6 +25,19 @@ from typing import Any, NamedTuple
 
 import torch as th
 from torch.autograd.function import once_differentiable
+
+from rim_agents.rim_step import (
+    CommParts,
+    GRUParts,
+    LSTMParts,
+    communication,
+    dropout,
+    gru_cell,
+    lstm_cell,
+    soft_mask,
+    top_k_mask,
+    vector_attention,
+)
 
 
 class StepSpec(NamedTuple):
@@ -81,28 +95,8 @@ class StepSaved(NamedTuple):
     p_dropped: th.Tensor
     m: th.Tensor | None  # (K, B, 1) active RIMs; None when all are
     h_tent: th.Tensor  # after the masked write, before communication
-    # LSTM cell
-    i: th.Tensor | None = None
-    f: th.Tensor | None = None
-    o: th.Tensor | None = None
-    g: th.Tensor | None = None
-    tanh_c: th.Tensor | None = None
-    # GRU cell
-    r: th.Tensor | None = None
-    z: th.Tensor | None = None
-    n: th.Tensor | None = None
-    gh_n: th.Tensor | None = None
-    # communication
-    q: th.Tensor | None = None
-    k: th.Tensor | None = None
-    v: th.Tensor | None = None
-    probs: th.Tensor | None = None
-    probs_dropped: th.Tensor | None = None
-    comm_noise: th.Tensor | None = None
-    att: th.Tensor | None = None
-    out: th.Tensor | None = None
-    tanh_out: th.Tensor | None = None
-    gate: th.Tensor | None = None
+    cell: LSTMParts | GRUParts
+    comm: CommParts | None  # None without communication
     # straight-through surrogate
     soft: th.Tensor | None = None
     diff_h: th.Tensor | None = None
@@ -155,15 +149,6 @@ def _tanh_grad(y: th.Tensor, grad: th.Tensor) -> th.Tensor:
     return th.ops.aten.tanh_backward(grad, y)
 
 
-def _dropout(x: th.Tensor, rate: float) -> tuple[th.Tensor, th.Tensor | None]:
-    """``F.dropout(x, rate, training=True)`` on the CPU (the same draw from the same generator) and
-    its scaled mask (None for ``rate`` 0)."""
-    if rate == 0:
-        return x, None
-    noise = th.empty_like(x).bernoulli_(1 - rate).div_(1 - rate)
-    return x * noise, noise
-
-
 def forward_step(
     spec: StepSpec,
     h: th.Tensor,
@@ -174,77 +159,47 @@ def forward_step(
     bias: th.Tensor,
     w: LoopWeights,
 ) -> tuple[th.Tensor, th.Tensor, StepSaved]:
-    """One step, the operators of :meth:`rim_agents.rim.RIMCell.step` in its order: the new
-    ``h``, ``c`` ``(K, B, d_h)`` and what :func:`backward_step` needs."""
-    K, B, d = h.shape
+    """One step as :meth:`rim_agents.rim.RIMCell.step` composes it, from the same pieces
+    (:mod:`rim_agents.rim_step`): the new ``h``, ``c`` ``(K, B, d_h)`` and what
+    :func:`backward_step` needs."""
+    K = h.shape[0]
     lstm = spec.cell == "lstm"
-    Hc, dk, dv = spec.comm_heads, spec.comm_key, spec.comm_value
-    # Input attention (RIMCell._vector_probs, _attend_vector).
-    score = (h * score_proj).sum(dim=-1, keepdim=True)
-    if score_bias is not None:
-        score = score + score_bias
-    p = th.sigmoid(score)  # (K, B, 1)
-    p_dropped, input_noise = _dropout(p, spec.input_dropout)
+    # Input attention (RIMCell._attend_vector).
+    p = vector_attention(h, score_proj, score_bias)  # (K, B, 1)
+    p_dropped, input_noise = dropout(p, spec.input_dropout)
     gates_in = th.addcmul(bias, p_dropped, gate_proj)
     # The cells (RIMCell._cell).
-    cell: dict[str, th.Tensor] = {}
+    cell: LSTMParts | GRUParts
     if lstm:
-        gates = th.baddbmm(gates_in, h, w.weight_hh)
-        i, f, o = th.sigmoid(gates[..., : 3 * d]).chunk(3, dim=-1)
-        g = th.tanh(gates[..., 3 * d :])
-        c_new = th.addcmul(f * c, i, g)
-        tanh_c = th.tanh(c_new)
-        h_new = o * tanh_c
-        cell = {"i": i, "f": f, "o": o, "g": g, "tanh_c": tanh_c}
+        h_new, c_new, cell = lstm_cell(gates_in, h, c, w.weight_hh)
     else:
         assert w.bias_hh is not None
-        gh = th.baddbmm(w.bias_hh, h, w.weight_hh)
-        r, z = th.sigmoid(gates_in[..., : 2 * d] + gh[..., : 2 * d]).chunk(2, dim=-1)
-        gh_n = gh[..., 2 * d :]
-        n = th.tanh(th.addcmul(gates_in[..., 2 * d :], r, gh_n))
-        h_new = th.lerp(n, h, z)
+        h_new, cell = gru_cell(gates_in, h, w.weight_hh, w.bias_hh)
         c_new = c
-        cell = {"r": r, "z": z, "n": n, "gh_n": gh_n}
     # Top-k (RIMCell._top_k_mask) and the masked write.
-    m = None
-    extra: dict[str, th.Tensor | None] = {}
+    m = soft = diff_h = diff_c = None
     if spec.k < K:
         null = 1.0 - p.squeeze(-1)
-        idx = th.topk(null, spec.k, dim=0, largest=False).indices
-        m = th.zeros(K, B, dtype=th.bool, device=h.device).scatter_(0, idx, True).unsqueeze(-1)
+        m = top_k_mask(null, spec.k).unsqueeze(-1)
         h_tent = th.where(m, h_new, h)
         c_out = th.where(m, c_new, c) if lstm else c_new
         if spec.straight_through:
             # RIMCell._straight_through: the surrogate adds exactly zero forward; its backward
             # pass is backward_step's.
-            least = th.topk(null, spec.k + 1, dim=0, largest=False).values
-            soft = th.sigmoid((0.5 * (least[-2] + least[-1]) - null) / spec.st_temperature)
-            extra.update(soft=soft.unsqueeze(-1), diff_h=h_new - h, diff_c=c_new - c if lstm else None)
+            soft = soft_mask(null, spec.k, spec.st_temperature).unsqueeze(-1)
+            diff_h, diff_c = h_new - h, c_new - c if lstm else None
     else:
         h_tent, c_out = h_new, c_new
     # Communication (RIMCell._comm_update).
-    h_out = h_tent
+    h_out, comm = h_tent, None
     if w.comm_qkv is not None:
         assert w.comm_out is not None and w.comm_out_bias is not None
-        q, k_, v = th.bmm(h_tent, w.comm_qkv).split([Hc * dk, Hc * dk, Hc * dv], dim=-1)
-        q, k_, v = q.view(K, 1, B, Hc, dk), k_.view(1, K, B, Hc, dk), v.view(1, K, B, Hc, dv)
-        scores = (q * k_).sum(dim=-1) * (dk**-0.5)  # (K_query, K_key, B, Hc)
-        probs = th.softmax(scores, dim=1)
-        probs_dropped, comm_noise = _dropout(probs, spec.comm_dropout)
-        att = (probs_dropped.unsqueeze(-1) * v).sum(dim=1).view(K, B, Hc * dv)
-        out = th.baddbmm(w.comm_out_bias, att, w.comm_out)
-        update = tanh_out = th.tanh(out)
-        gate = None
-        if w.comm_gate_weight is not None:
-            assert w.comm_gate_bias is not None
-            gate = th.sigmoid(th.baddbmm(w.comm_gate_bias, out, w.comm_gate_weight))
-            update = update * gate
-        h_out = h_tent + (update * m if m is not None else update)
-        extra.update(
-            q=q, k=k_, v=v, probs=probs, probs_dropped=probs_dropped, comm_noise=comm_noise, att=att, out=out,
-            tanh_out=tanh_out, gate=gate,
+        update, comm = communication(
+            h_tent, w.comm_qkv, w.comm_out, w.comm_out_bias, w.comm_gate_weight, w.comm_gate_bias,
+            spec.comm_heads, spec.comm_key, spec.comm_value, spec.comm_dropout,
         )  # fmt: skip
-    saved = StepSaved(h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, **cell, **extra)
+        h_out = h_tent + (update * m if m is not None else update)
+    saved = StepSaved(h, c if lstm else None, p, input_noise, p_dropped, m, h_tent, cell, comm, soft, diff_h, diff_c)
     return h_out, c_out, saved
 
 
@@ -264,26 +219,25 @@ def backward_step(
     d_qkv = d_out = d_gate_pre = None
     # h_out = h_tent + update (* m)
     d_h_tent = dh
-    if w.comm_qkv is not None:
-        assert w.comm_out is not None
-        assert s.q is not None and s.k is not None and s.v is not None and s.probs is not None
-        assert s.probs_dropped is not None and s.tanh_out is not None
+    comm = s.comm
+    if comm is not None:
+        assert w.comm_qkv is not None and w.comm_out is not None
         d_update = dh * m if m is not None else dh
-        if s.gate is not None:
+        if comm.gate is not None:
             assert w.comm_gate_weight is not None
-            d_gate_pre = _sigmoid_grad(s.gate, d_update * s.tanh_out)
-            d_out = _tanh_grad(s.tanh_out, d_update * s.gate)
+            d_gate_pre = _sigmoid_grad(comm.gate, d_update * comm.tanh_out)
+            d_out = _tanh_grad(comm.tanh_out, d_update * comm.gate)
             d_out = th.baddbmm(d_out, d_gate_pre, w.comm_gate_weight.transpose(1, 2))
         else:
-            d_out = _tanh_grad(s.tanh_out, d_update)
+            d_out = _tanh_grad(comm.tanh_out, d_update)
         d_att = th.bmm(d_out, w.comm_out.transpose(1, 2)).view(K, 1, B, Hc, dv)
-        d_probs = (d_att * s.v).sum(dim=-1)  # (K, K, B, Hc)
-        if s.comm_noise is not None:
-            d_probs = d_probs * s.comm_noise
-        d_v = (s.probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
-        d_scores = s.probs * (d_probs - (d_probs * s.probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
-        d_q = (d_scores.unsqueeze(-1) * s.k).sum(dim=1)  # (K, B, Hc, dk)
-        d_k = (d_scores.unsqueeze(-1) * s.q).sum(dim=0)
+        d_probs = (d_att * comm.v).sum(dim=-1)  # (K, K, B, Hc)
+        if comm.noise is not None:
+            d_probs = d_probs * comm.noise
+        d_v = (comm.probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
+        d_scores = comm.probs * (d_probs - (d_probs * comm.probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
+        d_q = (d_scores.unsqueeze(-1) * comm.k).sum(dim=1)  # (K, B, Hc, dk)
+        d_k = (d_scores.unsqueeze(-1) * comm.q).sum(dim=0)
         d_qkv = th.cat([d_q.reshape(K, B, -1), d_k.reshape(K, B, -1), d_v.reshape(K, B, -1)], dim=-1)
         d_h_tent = th.baddbmm(dh, d_qkv, w.comm_qkv.transpose(1, 2))
     # The masked write: dormant RIMs pass their gradient to the previous state.
@@ -295,9 +249,8 @@ def backward_step(
             assert dc is not None
             dc_new, dc_prev = dc * m, dc * ~m
     if lstm:
-        i, f, o, g, tanh_c = s.i, s.f, s.o, s.g, s.tanh_c
-        assert i is not None and f is not None and o is not None and g is not None and tanh_c is not None
-        assert s.c is not None and dc_new is not None
+        assert isinstance(s.cell, LSTMParts) and s.c is not None and dc_new is not None
+        i, f, o, g, tanh_c = s.cell
         dc_new = th.addcmul(dc_new, _tanh_grad(tanh_c, d_h_new), o)
         d_gh = d_gates_in = th.cat(
             [
@@ -311,8 +264,8 @@ def backward_step(
         dc_cell = dc_new * f
         dc_prev = dc_cell if dc_prev is None else dc_prev + dc_cell
     else:
-        r, z, n, gh_n = s.r, s.z, s.n, s.gh_n
-        assert r is not None and z is not None and n is not None and gh_n is not None
+        assert isinstance(s.cell, GRUParts)
+        r, z, n, gh_n = s.cell
         d_n_pre = _tanh_grad(n, d_h_new * (1.0 - z))
         d_r = _sigmoid_grad(r, d_n_pre * gh_n)
         d_z = _sigmoid_grad(z, d_h_new * (s.h - n))
@@ -427,7 +380,8 @@ class HandwrittenUnroll(th.autograd.Function):
             dh_prev, dc_prev, d_score_t, d_gates_in, *d_products = step(
                 spec, dh + d_outs[t], dc, s, score_proj[t], gate_proj[t], w
             )
-            for (inputs, grads), x, g in zip(products, (s.h, s.h_tent, s.att, s.out), d_products, strict=True):
+            comm_in = (s.comm.att, s.comm.out) if s.comm is not None else (None, None)
+            for (inputs, grads), x, g in zip(products, (s.h, s.h_tent, *comm_in), d_products, strict=True):
                 if g is not None:
                     assert x is not None
                     inputs.append(x)

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch as th
+import torch.nn.functional as F
 
 from rim_agents import RIMCore
+from rim_agents.rim_step import dropout
 from rim_agents.rim_unroll import in_graph, supported
 
 D_IN = 12
@@ -477,6 +479,23 @@ def test_same_seed_same_output_with_dropout() -> None:
     core = make_core(seed=8, input_dropout=0.1, comm_dropout=0.1).train()
     th.manual_seed(11)
     assert not th.equal(core(th.randn(6, 3, D_IN))[0], results[0])
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_the_steps_dropout_is_f_dropout_on_the_cpu(rate: float) -> None:
+    """``rim_step.dropout`` (every step's and the hand-written pass's) draws and computes what
+    ``F.dropout`` does on the CPU, bit for bit, and returns the scaled mask it applied."""
+    x = th.randn(6, 8, 17, requires_grad=True)
+    th.manual_seed(5)
+    expected = F.dropout(x, rate, training=True)
+    th.manual_seed(5)
+    got, noise = dropout(x, rate)
+    assert noise is not None and th.equal(got, expected) and th.equal(got, x * noise)
+    assert ((noise == 0) | (noise == th.tensor(1 / (1 - rate)))).all() and (noise == 0).any()
+    got.sum().backward()
+    assert x.grad is not None and th.equal(x.grad, noise)
+    same, none = dropout(x, 0.0)
+    assert same is x and none is None
 
 
 def test_activity_not_kept_unless_asked() -> None:
