@@ -235,7 +235,8 @@ def backward_step(
         if comm.noise is not None:
             d_probs = d_probs * comm.noise
         d_v = (comm.probs_dropped.unsqueeze(-1) * d_att).sum(dim=0)  # (K, B, Hc, dv)
-        d_scores = comm.probs * (d_probs - (d_probs * comm.probs).sum(dim=1, keepdim=True)) * (dk**-0.5)
+        # softmax's backward (autograd's own kernel): probs * (d_probs - sum(d_probs * probs)).
+        d_scores = th.ops.aten._softmax_backward_data(d_probs, comm.probs, 1, comm.probs.dtype) * (dk**-0.5)
         d_q = (d_scores.unsqueeze(-1) * comm.k).sum(dim=1)  # (K, B, Hc, dk)
         d_k = (d_scores.unsqueeze(-1) * comm.q).sum(dim=0)
         d_qkv = th.cat([d_q.reshape(K, B, -1), d_k.reshape(K, B, -1), d_v.reshape(K, B, -1)], dim=-1)
@@ -243,11 +244,13 @@ def backward_step(
     # The masked write: dormant RIMs pass their gradient to the previous state.
     dh_prev = dc_prev = None
     d_h_new, dc_new = d_h_tent, dc
-    if m is not None:
-        d_h_new, dh_prev = d_h_tent * m, d_h_tent * ~m
+    if m is not None:  # the dormant rows' gradient: what the mask leaves out (exactly)
+        d_h_new = d_h_tent * m
+        dh_prev = d_h_tent - d_h_new
         if lstm:
             assert dc is not None
-            dc_new, dc_prev = dc * m, dc * ~m
+            dc_new = dc * m
+            dc_prev = dc - dc_new
     if lstm:
         assert isinstance(s.cell, LSTMParts) and s.c is not None and dc_new is not None
         i, f, o, g, tanh_c = s.cell
@@ -266,12 +269,12 @@ def backward_step(
     else:
         assert isinstance(s.cell, GRUParts)
         r, z, n, gh_n = s.cell
-        d_n_pre = _tanh_grad(n, d_h_new * (1.0 - z))
+        dh_cell = d_h_new * z  # h_new = n + z (h - n)
+        d_n_pre = _tanh_grad(n, d_h_new - dh_cell)
         d_r = _sigmoid_grad(r, d_n_pre * gh_n)
         d_z = _sigmoid_grad(z, d_h_new * (s.h - n))
         d_gates_in = th.cat([d_r, d_z, d_n_pre], dim=-1)
         d_gh = th.cat([d_r, d_z, d_n_pre * r], dim=-1)
-        dh_cell = d_h_new * z
         dh_prev = dh_cell if dh_prev is None else dh_prev + dh_cell
     w_t = w.weight_hh.transpose(1, 2)
     dh_prev = th.bmm(d_gh, w_t) if dh_prev is None else th.baddbmm(dh_prev, d_gh, w_t)
