@@ -754,9 +754,10 @@ class RIMCore(nn.Module):
             keep = (~starts).to(x.dtype).view(T, 1, B, 1)
 
         inputs = cell.prepare(x, tokens)
-        h, c = cell.to_internal(h0), cell.to_internal(c0)
-        if cell.cell_type == "gru":
-            c = th.zeros_like(h)
+        # Contiguous from the first step on: every step sees one layout (a compiled step is one
+        # graph, not one for the first step's transposed view and another for the rest).
+        h = cell.to_internal(h0).contiguous()
+        c = cell.to_internal(c0).contiguous() if cell.cell_type == "lstm" else th.zeros_like(h)
         track = tracker is not None and tracker.track_activity
         balance = cell.balance_loss_on()
         if isinstance(inputs, VectorInput) and supported(cell, tokens, x, track, balance, request):

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch as th
+from torch._dynamo.utils import counters
 
 from rim_agents import RIMCore
 from rim_agents.cli import train_parser
@@ -48,9 +49,16 @@ def test_a_compiled_core_matches_the_eager_one(cell: str, handwritten: bool) -> 
     starts = th.zeros(6, 5)
     starts[3, 1] = 1
     outs = []
+    graphs = counters["stats"]["unique_graphs"]
     for core in (eager, compiled):
         out, (h, c) = core(x, episode_starts=starts)
         (out * proj).sum().backward()
         outs.append([out.detach(), h.detach(), c.detach(), *(p.grad.clone() for p in core.parameters())])
     for a, b in zip(*outs, strict=True):
         assert th.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    if handwritten:
+        # One graph per step function: every step, the first included, sees one state layout.
+        assert counters["stats"]["unique_graphs"] - graphs <= 2
+    graphs = counters["stats"]["unique_graphs"]
+    (compiled(x, episode_starts=starts)[0] * proj).sum().backward()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
