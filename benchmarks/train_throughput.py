@@ -26,7 +26,10 @@ Variants, all in this process and interleaved round by round:
   Suffixes combine, in any order.
 
 Each round runs ``--updates`` PPO iterations (rollout + train) per variant after one warm-up
-iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO.
+iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO
+(ratios of the medians), and the paired ratios to feed-forward PPO and to ``ours-none``: the median
+over rounds of each round's ratio. A round runs its variants back to back, so a change of the
+machine's speed between rounds (common on a shared CPU) cancels in a paired ratio.
 With ``--train-only`` a round times ``--updates`` calls of ``model.train()`` on the warm-up's rollout
 (the env's and the rollout's noise left out): steps/s are then the rollout's 1,024 steps per update.
 
@@ -80,6 +83,12 @@ def unfold_critic(policy: Any) -> None:
             plain = th.nn.Linear(folded.in_features, folded.out_features, device="meta")
             plain.weight, plain.bias = folded.weight, folded.bias
             setattr(policy, attr, plain)
+
+
+def paired_ratio(rates: list[float], base: list[float]) -> float:
+    """The median over rounds of ``rates[i] / base[i]``: each round's ratio, taken between variants
+    run back to back, so that the machine's speed changing from round to round cancels."""
+    return statistics.median(r / b for r, b in zip(rates, base, strict=True))
 
 
 def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
@@ -155,12 +164,17 @@ def main() -> None:
         f"{th.get_num_threads()} torch threads, device {args.device}" + (", train() only" if args.train_only else "")
     )
     print(
-        f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}   all rounds"
+        f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}"
+        f"{'paired ppo-cnn':>16}{'paired ours-none':>18}   all rounds"
     )
     for name, m in med.items():
         vs = [f"{m / med[base]:.2f}x" if base in med else "-" for base in ("stock-lstm", "ppo-cnn", "ours-none")]
+        paired = [
+            f"{paired_ratio(rates[name], rates[base]):.2f}x" if base in rates else "-"
+            for base in ("ppo-cnn", "ours-none")
+        ]
         rounds = ", ".join(f"{r:.1f}" for r in rates[name])
-        print(f"{name:<24}{m:>16.1f}{vs[0]:>15}{vs[1]:>12}{vs[2]:>14}   {rounds}")
+        print(f"{name:<24}{m:>16.1f}{vs[0]:>15}{vs[1]:>12}{vs[2]:>14}{paired[0]:>16}{paired[1]:>18}   {rounds}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""benchmarks/train_throughput.py's paired ratio: each round's ratio between variants run back to
+back, so that the machine's speed changing from round to round cancels."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from train_throughput import paired_ratio
+
+
+def test_a_constant_ratio_survives_a_machine_whose_speed_changes_between_rounds() -> None:
+    base = [100.0, 300.0, 300.0, 120.0, 280.0]
+    rates = [0.9 * b for b in base]
+    assert paired_ratio(rates, base) == pytest.approx(0.9)
+    # A slow spell during two of the variant's rounds moves the ratio of medians, not the paired one.
+    slow = [90.0, 90.0, 270.0]
+    assert statistics.median(slow) / statistics.median([100.0, 300.0, 300.0]) == pytest.approx(0.3)
+    assert paired_ratio(slow, [100.0, 300.0, 300.0]) == pytest.approx(0.9)
+
+
+def test_rounds_must_pair_up() -> None:
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])
