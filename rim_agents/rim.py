@@ -398,13 +398,7 @@ class RIMCell(nn.Module):
 
     def _vector_probs(self, inp: VectorInput, h: th.Tensor) -> th.Tensor:
         """``(K, B, H)`` attention on the input vector per head (one minus the null's)."""
-        if self.input_heads == 1:
-            return vector_attention(h, inp.score_proj, inp.score_bias)  # (K, B, 1)
-        # Softmax over {null (score 0), input (score s)} is sigmoid(s), per head.
-        score = (h.unsqueeze(-1) * inp.score_proj).sum(dim=-2)  # (K, B, H)
-        if inp.score_bias is not None:
-            score = score + inp.score_bias
-        return th.sigmoid(score)
+        return vector_attention(h, inp.score_proj, inp.score_bias)
 
     def _null_attention(self, inp: TokenInput | VectorInput, h: th.Tensor) -> th.Tensor:
         """``(K, B)`` attention on the null token, averaged over heads (what the top-k ranks)."""

@@ -28,10 +28,14 @@ def dropout(x: th.Tensor, rate: float) -> tuple[th.Tensor, th.Tensor | None]:
 
 
 def vector_attention(h: th.Tensor, score_proj: th.Tensor, score_bias: th.Tensor | None) -> th.Tensor:
-    """``(K, B, 1)`` attention on one input vector with one head, one minus the null token's: the
-    softmax over {null (score 0), input (score ``h . score_proj`` + bias)} is a sigmoid. Broadcast
-    products, not batched matmuls: the per-element matrices are ``1 x d_h``."""
-    score = (h * score_proj).sum(dim=-1, keepdim=True)
+    """``(K, B, H)`` attention on one input vector per head, one minus the null token's: the softmax
+    over {null (score 0), input (score ``h . score_proj`` + bias)} is a sigmoid. ``score_proj`` is
+    ``(K, B, d_h)`` for one head, ``(K, B, d_h, H)`` for ``H``. Broadcast products, not batched
+    matmuls: the per-element matrices are ``1 x d_h``."""
+    if score_proj.dim() == h.dim():
+        score = (h * score_proj).sum(dim=-1, keepdim=True)  # (K, B, 1)
+    else:
+        score = (h.unsqueeze(-1) * score_proj).sum(dim=-2)  # (K, B, H)
     if score_bias is not None:
         score = score + score_bias
     return th.sigmoid(score)

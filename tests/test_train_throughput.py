@@ -3,7 +3,6 @@ back, so that the machine's speed changing from round to round cancels."""
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -17,10 +16,8 @@ def test_a_constant_ratio_survives_a_machine_whose_speed_changes_between_rounds(
     base = [100.0, 300.0, 300.0, 120.0, 280.0]
     rates = [0.9 * b for b in base]
     assert paired_ratio(rates, base) == pytest.approx(0.9)
-    # A slow spell during two of the variant's rounds moves the ratio of medians, not the paired one.
-    slow = [90.0, 90.0, 270.0]
-    assert statistics.median(slow) / statistics.median([100.0, 300.0, 300.0]) == pytest.approx(0.3)
-    assert paired_ratio(slow, [100.0, 300.0, 300.0]) == pytest.approx(0.9)
+    # A slow spell during two of the variant's rounds: the ratio of medians would be 90 / 300 = 0.3.
+    assert paired_ratio([90.0, 90.0, 270.0], [100.0, 300.0, 300.0]) == pytest.approx(0.9)
 
 
 def test_rounds_must_pair_up() -> None:
