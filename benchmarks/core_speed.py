@@ -8,6 +8,10 @@ The loss is a fixed random projection of the output (not ``out.sum()``, whose gr
 softmax is exactly zero and fills the backward pass with denormals).
 
     python benchmarks/core_speed.py [--rounds 15] [--threads N] [--device cuda] [--steps T] [--autograd]
+        [--allocator retain|system]
+
+Every variant runs under the process's ``--allocator`` setting (``rim_agents.host``), by default
+the training job's (``retain``: freed memory kept for reuse).
 
 ``RIMCore`` trains through its hand-written backward pass (:mod:`rim_agents.rim_unroll`) on the
 CPU; ``--autograd`` also times both cells with autograd's step-by-step backward pass, as before it.
@@ -26,6 +30,8 @@ import torch as th
 from torch import nn
 
 from rim_agents import RIMCore
+from rim_agents.config import ALLOCATORS
+from rim_agents.host import apply_allocator, describe
 
 
 class LoopRIMReference(nn.Module):
@@ -88,7 +94,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch B")
     parser.add_argument("--compile", action="store_true", help="also time both cells with rims.compile=default")
     parser.add_argument("--autograd", action="store_true", help="also time both cells with autograd's backward")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="retain", help="the process's allocator setting (training's: retain)"
+    )
     args = parser.parse_args()
+    apply_allocator(args.allocator)
     device = th.device(args.device)
     if args.threads:
         th.set_num_threads(args.threads)
@@ -153,9 +163,10 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base, ref = med["nn.LSTM(512, 384)"], med["per-RIM loop reference"]
     print(
-        f"forward + backward on {device}, T={T} B={B} d_in={d_in} K={K} d_h={d_h}, {th.get_num_threads()} threads, "
-        f"{args.rounds} rounds"
+        f"forward + backward on {device}, T={T} B={B} d_in={d_in} K={K} d_h={d_h}, {args.rounds} rounds, "
+        f"allocator {args.allocator}"
     )
+    print(describe())
     print(f"{'variant':<26}{'median s':>10}{'vs nn.LSTM':>12}{'ref / this':>12}")
     for name, m in med.items():
         print(f"{name:<26}{m:>10.4f}{m / base:>11.2f}x{ref / m:>11.2f}x")

@@ -30,6 +30,8 @@ iteration; we print the median env steps/s and ratios to stock RecurrentPPO and 
 (ratios of the medians), and the paired ratios to feed-forward PPO and to ``ours-none``: the median
 over rounds of each round's ratio. A round runs its variants back to back, so a change of the
 machine's speed between rounds (common on a shared CPU) cancels in a paired ratio.
+Every variant runs under the process's ``--allocator`` setting (``rim_agents.host``; ``retain``, the
+training config's default, keeps freed memory for reuse: fewer page faults for every variant).
 With ``--train-only`` a round times ``--updates`` calls of ``model.train()`` on the warm-up's rollout
 (the env's and the rollout's noise left out): steps/s are then the rollout's 1,024 steps per update.
 
@@ -50,7 +52,8 @@ import torch as th
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 
-from rim_agents.config import load_config
+from rim_agents.config import ALLOCATORS, load_config
+from rim_agents.host import apply_allocator, describe
 from rim_agents.models import build_model, make_env
 
 ENV = "BreakoutNoFrameskip-v4"
@@ -136,7 +139,12 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=128, help="steps per env per rollout (the recipe's 128)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per variant first")
     parser.add_argument("--train-only", action="store_true", help="time model.train() on one rollout, no collecting")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="retain",
+        help="the process's allocator setting, for every variant alike (train.py's default: retain)",
+    )  # fmt: skip
     args = parser.parse_args()
+    apply_allocator(args.allocator)
     names = args.variants.split(",")
     models = {name: build(name, seed=0, device=args.device, n_steps=args.n_steps) for name in names}
     steps_per_update = 8 * args.n_steps
@@ -161,8 +169,9 @@ def main() -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(
         f"{ENV}, 8 envs x {args.n_steps} steps, batch 256, 4 epochs; {args.rounds} rounds x {args.updates} updates; "
-        f"{th.get_num_threads()} torch threads, device {args.device}" + (", train() only" if args.train_only else "")
+        f"device {args.device}, allocator {args.allocator}" + (", train() only" if args.train_only else "")
     )
+    print(describe())
     print(
         f"{'variant':<24}{'median steps/s':>16}{'vs stock-lstm':>15}{'vs ppo-cnn':>12}{'vs ours-none':>14}"
         f"{'paired ppo-cnn':>16}{'paired ours-none':>18}   all rounds"

@@ -30,6 +30,9 @@ from rim_agents.errors import UsageError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: Recurrent cores by name; ``none`` is the feed-forward control (see :mod:`rim_agents.cores`).
 CORES = ("rims", "lstm", "gru", "none")
+#: ``allocator`` settings (:mod:`rim_agents.host`): ``retain`` keeps the memory a process frees
+#: for its reuse (glibc), ``system`` leaves the C library's defaults.
+ALLOCATORS = ("retain", "system")
 
 
 class ConfigError(UsageError):
@@ -301,6 +304,7 @@ class TrainConfig:
     eval_freq: int = field(default=0, metadata=RUN_ONLY)  # env steps between evaluations during training (0: none)
     eval_episodes: int = field(default=10, metadata=RUN_ONLY)  # episodes per shift and evaluation during training
     video_freq: int = field(default=0, metadata=RUN_ONLY)  # env steps between videos in TensorBoard (0: none)
+    allocator: str = field(default="retain", metadata=RUN_ONLY)  # retain (freed memory kept for reuse) | system
     ppo: PPOConfig = field(default_factory=PPOConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rims: RIMConfig = field(default_factory=RIMConfig)
@@ -638,6 +642,10 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.seq_len={ppo.seq_len}")
     if config.video_freq < 0:
         raise ConfigError(f"config key video_freq must be >= 0 (0: no videos), got {config.video_freq}")
+    if config.allocator not in ALLOCATORS:
+        raise ConfigError(
+            f"config key allocator={config.allocator!r} is invalid: choose one of {', '.join(ALLOCATORS)}"
+        )
     if config.eval_freq < 0 or config.eval_episodes < 1:
         raise ConfigError("eval_freq must be >= 0 and eval_episodes >= 1")
 

@@ -27,6 +27,7 @@ from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat, mak
 from stable_baselines3.common.vec_env import VecEnv
 from torch.utils.tensorboard import SummaryWriter
 
+from rim_agents import host
 from rim_agents.callbacks import AnnealK, CheckpointCallback, RIMActivityCallback, ShiftEvalCallback, VideoCallback
 from rim_agents.config import TrainConfig
 from rim_agents.errors import UsageError
@@ -53,7 +54,7 @@ PACKAGES = ("rim-agents", "torch", "gymnasium", "ale-py", "stable-baselines3", "
 
 
 def versions() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": host.cpu_name()}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -133,6 +134,7 @@ def train(
     :param extra_callbacks: more SB3 callbacks.
     """
     check_config(config)  # before anything is written
+    host.apply_allocator(config.allocator)
     created = run_dir is None
     if run_dir is None:
         run_dir = default_run_dir(config)

@@ -94,6 +94,7 @@ def test_env_and_core_from_file_or_overrides(tmp_path: Path) -> None:
         (["ppo=3"], "config section ppo must be a mapping"),
         (["n_envs"], "is not KEY=VALUE"),
         (["device=tpu"], "device 'tpu'"),
+        (["allocator=jemalloc"], "allocator='jemalloc' is invalid: choose one of retain, system"),
     ],
 )
 def test_bad_values_are_errors(overrides: list[str], match: str) -> None:
@@ -198,7 +199,9 @@ def test_a_missing_family_config_is_an_error(tmp_path: Path, monkeypatch: pytest
 
 def test_identity_drops_run_only_settings() -> None:
     base = load_config("CartPole-v1", "rims")
-    seeds = load_config("CartPole-v1", "rims", overrides=["seed=7", "total_timesteps=5", "checkpoint_freq=0"])
+    seeds = load_config(
+        "CartPole-v1", "rims", overrides=["seed=7", "total_timesteps=5", "checkpoint_freq=0", "allocator=system"]
+    )
     other = load_config("CartPole-v1", "rims", overrides=["rims.k_active=2"])
     assert seeds.identity() == base.identity() and other.identity() != base.identity()
     assert "seed" not in base.identity() and "rims" in base.identity()

@@ -45,14 +45,19 @@ def read_progress(run_dir: Path) -> list[dict[str, str]]:
     return sorted(rows, key=lambda row: int(row["time/total_timesteps"]))
 
 
-def test_run_directory_contents(tmp_path: Path) -> None:
+def test_run_directory_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rim_agents import host
+
+    applied: list[str] = []
+    monkeypatch.setattr(host, "apply_allocator", applied.append)
     run = train(tiny_config(), tmp_path / "run", command=["train.py", "--env", "CartPole-v1"])
+    assert applied == ["retain"]  # the config's allocator setting, applied by the training job
     assert (run / FINAL_MODEL).is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["env"] == "CartPole-v1" and saved["rims"]["num_units"] == 8  # the classic family's
     assert "train.py --env CartPole-v1" in (run / "command.txt").read_text()
     versions = yaml.safe_load((run / "versions.json").read_text())
-    assert versions["torch"] and "git_commit" in versions
+    assert versions["torch"] and "git_commit" in versions and versions["cpu"]
     steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.zip"))
     assert steps == [32, 64]
     assert not list(run.rglob("*.tmp*"))
