@@ -1,8 +1,9 @@
 """Forward + backward time of the RIM core against nn.LSTM and a per-RIM-loop reference.
 
 Shapes from the paper's Atari setting scaled as in the issue: T=128, B=16, d_in=512, K=6,
-d_h=64 (384 total). Every variant runs in the same process, interleaved round by round, so machine
-noise hits them alike; we print medians and ratios to nn.LSTM(512, 384) and to the reference.
+d_h=64 (384 total). Every variant runs in the same process, interleaved round by round (the order
+rotating, ``rounds.round_order``), so machine noise hits them alike; we print medians and ratios to
+nn.LSTM(512, 384) and to the reference.
 
 The loss is a fixed random projection of the output (not ``out.sum()``, whose gradient through a
 softmax is exactly zero and fills the backward pass with denormals).
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch as th
+from rounds import round_order
 from torch import nn
 
 from rim_agents import RIMCore
@@ -151,7 +153,8 @@ def main() -> None:
         variants["RIMCore lstm cuda-graphs"] = lambda: graphed(x)[0]
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.rounds):
-        for name, fn in variants.items():
+        for name in round_order(list(variants), r):
+            fn = variants[name]
             sync()
             start = time.perf_counter()
             (fn() * proj).sum().backward()

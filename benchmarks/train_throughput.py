@@ -29,7 +29,8 @@ Each round runs ``--updates`` PPO iterations (rollout + train) per variant after
 iteration; we print the median env steps/s and ratios to stock RecurrentPPO and to feed-forward PPO
 (ratios of the medians), and the paired ratios to feed-forward PPO and to ``ours-none``: the median
 over rounds of each round's ratio. A round runs its variants back to back, so a change of the
-machine's speed between rounds (common on a shared CPU) cancels in a paired ratio.
+machine's speed between rounds (common on a shared CPU) cancels in a paired ratio; the order
+rotates from round to round (``rounds.round_order``), so that no variant always runs first.
 Every variant runs under the process's ``--allocator`` setting (``rim_agents.host``; ``retain``, the
 training config's default, keeps freed memory for reuse: fewer page faults for every variant).
 With ``--train-only`` a round times ``--updates`` calls of ``model.train()`` on the warm-up's rollout
@@ -49,6 +50,7 @@ import time
 from typing import Any
 
 import torch as th
+from rounds import paired_ratio, round_order
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 
@@ -86,12 +88,6 @@ def unfold_critic(policy: Any) -> None:
             plain = th.nn.Linear(folded.in_features, folded.out_features, device="meta")
             plain.weight, plain.bias = folded.weight, folded.bias
             setattr(policy, attr, plain)
-
-
-def paired_ratio(rates: list[float], base: list[float]) -> float:
-    """The median over rounds of ``rates[i] / base[i]``: each round's ratio, taken between variants
-    run back to back, so that the machine's speed changing from round to round cancels."""
-    return statistics.median(r / b for r, b in zip(rates, base, strict=True))
 
 
 def build(name: str, seed: int, device: str = "cpu", n_steps: int = 128) -> Any:
@@ -157,8 +153,9 @@ def main() -> None:
         if variant_base(name) in ("ours-rims-compiled", "ours-rims-graphs"):
             print(f"{name}: warm-up iteration (compiles or records) {time.perf_counter() - start:.1f} s")
     rates: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, model in models.items():
+    for r in range(args.rounds):
+        for name in round_order(names, r):
+            model = models[name]
             start = time.perf_counter()
             if args.train_only:
                 for _ in range(args.updates):
