@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rim_agents import RIMCore  # noqa: E402 (after the path line)
+from rim_agents.host import describe  # noqa: E402
 
 D_IN, D_H = 512, 64
 
@@ -91,6 +92,7 @@ def main() -> None:
         f"forward + backward on {device}, B={args.batch} d_in={D_IN} d_h={D_H}, {args.threads} threads, "
         f"median of {args.rounds}"
     )
+    print(describe())
     print(f"{'core':<6}{'K':>4}{'k':>4}{'T':>5}{'median s':>10}{'ms/step':>9}{'vs nn.LSTM':>12}")
     for r in rows:
         print(

@@ -32,6 +32,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFram
 
 from rim_agents.envs import make_vec_env
 from rim_agents.envs.pickup import PickupEnv
+from rim_agents.host import describe
 
 N_ENVS = 8
 
@@ -111,6 +112,7 @@ def main() -> None:
         "pickup-single": med["minigrid-fetch"],
     }
     print(f"random actions, {N_ENVS} envs, {args.rounds} rounds x {args.steps} vector steps")
+    print(describe())
     print(f"{'variant':<16}{'median steps/s':>16}{'ratio':>9}  baseline")
     for name, m in med.items():
         base = "best SB3 Atari" if name in ("ours-atari", "sb3-dummy", "sb3-subproc") else "minigrid-fetch"

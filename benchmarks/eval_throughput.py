@@ -24,6 +24,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from rim_agents.config import load_config
 from rim_agents.envs import make_vec_env
+from rim_agents.host import describe
 from rim_agents.models import make_env
 from rim_agents.rollout import run_episodes
 from rim_agents.shifts import shift_spec
@@ -59,6 +60,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["evaluate_policy (1 env)"]
     print(f"{ENV}, RIM agent after {args.steps} steps, {args.episodes} episodes per round, {args.rounds} rounds")
+    print(describe())
     print(f"{'variant':<26}{'median episodes/s':>19}{'ratio':>8}   all rounds")
     for name, m in med.items():
         print(f"{name:<26}{m:>19.2f}{m / base:>7.2f}x   {', '.join(f'{v:.2f}' for v in rates[name])}")

@@ -21,6 +21,7 @@ import time
 import torch as th
 
 from rim_agents.config import load_config
+from rim_agents.host import describe
 from rim_agents.models import build_model, make_env
 from rim_agents.rim_unroll import in_graph
 
@@ -76,6 +77,7 @@ def main() -> None:
             model.train()
             times[handwritten].append(time.perf_counter() - start)
     fast, slow = statistics.median(times[True]), statistics.median(times[False])
+    print(describe())
     print(
         f"model.train(), {args.threads} thread(s), medians of {args.rounds} interleaved rounds: hand-written "
         f"{fast:.2f} s, autograd {slow:.2f} s, ratio {fast / slow:.2f}x"

@@ -19,6 +19,7 @@ from typing import Any
 import torch as th
 
 from rim_agents.config import load_config
+from rim_agents.host import describe
 from rim_agents.models import build_model, make_env
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -72,6 +73,7 @@ def main() -> None:
         f"{len(params)} tensors; {args.rounds} rounds, {th.get_num_threads()} torch threads"
     )
     base = statistics.median(times["per-tensor"])
+    print(describe())
     print(f"{'variant':<12}{'median ms':>11}{'vs per-tensor':>15}")
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import build
 
+from rim_agents.host import describe
+
 
 def forward_ms(model: Any) -> float | None:
     """Median ms of one policy forward for a rollout step (recurrent policies only)."""
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--variants", default="ppo-cnn,ours-lstm,ours-rims")
     parser.add_argument("--updates", type=int, default=3)
     args = parser.parse_args()
+    print(describe())
     print(f"{'variant':<12}{'forward ms':>12}{'collect s':>11}{'train s':>9}   ({th.get_num_threads()} threads)")
     for name in args.variants.split(","):
         model = build(name, seed=0)

@@ -23,6 +23,7 @@ import torch as th
 
 from rim_agents import RIMCore
 from rim_agents.config import load_config
+from rim_agents.host import describe
 
 
 def main() -> None:
@@ -72,6 +73,7 @@ def main() -> None:
             times[name].append(timed(mode, handwritten, fn))
     base = statistics.median(times["autograd, eager"])
     print(f"\nT={T}, B={B}, {args.threads} thread(s), medians of {args.rounds} interleaved rounds")
+    print(describe())
     print("| variant | median ms | vs autograd, eager |\n|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
