@@ -12,7 +12,7 @@ RIM-PPO (``benchmarks/allocator.py``).
 :func:`retain_freed_memory` raises both thresholds so that freed blocks stay in the heap for the
 next minibatch. The numbers computed are the same; the process's peak memory is the same (it still
 needs its largest working set); what changes is that memory freed after the peak is kept for reuse
-instead of being handed back (``benchmarks/allocator.py``: 0-4 thousand faults per update).
+instead of being handed back (``benchmarks/allocator.py``: at most 4.5 thousand faults per update).
 
 Elsewhere than on glibc (macOS, musl) the setting does nothing.
 """
