@@ -88,10 +88,7 @@ def main() -> None:
     for (kind, K, k, T), (name, _) in zip(configs, cases, strict=True):
         lstm = med[f"lstm K={K} k={K} T={T}"]
         rows.append({"kind": kind, "K": K, "k": k, "T": T, "s": med[name], "vs_lstm": med[name] / lstm})
-    print(
-        f"forward + backward on {device}, B={args.batch} d_in={D_IN} d_h={D_H}, {args.threads} threads, "
-        f"median of {args.rounds}"
-    )
+    print(f"forward + backward on {device}, B={args.batch} d_in={D_IN} d_h={D_H}, median of {args.rounds}")
     print(describe())
     print(f"{'core':<6}{'K':>4}{'k':>4}{'T':>5}{'median s':>10}{'ms/step':>9}{'vs nn.LSTM':>12}")
     for r in rows:

@@ -79,7 +79,7 @@ def main() -> None:
     fast, slow = statistics.median(times[True]), statistics.median(times[False])
     print(describe())
     print(
-        f"model.train(), {args.threads} thread(s), medians of {args.rounds} interleaved rounds: hand-written "
+        f"model.train(), medians of {args.rounds} interleaved rounds: hand-written "
         f"{fast:.2f} s, autograd {slow:.2f} s, ratio {fast / slow:.2f}x"
     )
 

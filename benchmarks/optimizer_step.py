@@ -70,7 +70,7 @@ def main() -> None:
     diff = max((a - b).abs().max().item() for a, b in zip(*runs, strict=True))
     print(
         f"Adam over the {args.core} Atari policy: {sum(p.numel() for p in params) / 1e6:.2f}M parameters in "
-        f"{len(params)} tensors; {args.rounds} rounds, {th.get_num_threads()} torch threads"
+        f"{len(params)} tensors; {args.rounds} rounds"
     )
     base = statistics.median(times["per-tensor"])
     print(describe())

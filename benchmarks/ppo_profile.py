@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     args = parser.parse_args()
     print(describe())
-    print(f"{'variant':<12}{'forward ms':>12}{'collect s':>11}{'train s':>9}   ({th.get_num_threads()} threads)")
+    print(f"{'variant':<12}{'forward ms':>12}{'collect s':>11}{'train s':>9}")
     for name in args.variants.split(","):
         model = build(name, seed=0)
         fwd = forward_ms(model)

@@ -72,7 +72,7 @@ def main() -> None:
         for name, (mode, handwritten, fn) in variants.items():
             times[name].append(timed(mode, handwritten, fn))
     base = statistics.median(times["autograd, eager"])
-    print(f"\nT={T}, B={B}, {args.threads} thread(s), medians of {args.rounds} interleaved rounds")
+    print(f"\nT={T}, B={B}, medians of {args.rounds} interleaved rounds")
     print(describe())
     print("| variant | median ms | vs autograd, eager |\n|---|---|---|")
     for name, values in times.items():
